@@ -1,0 +1,116 @@
+"""Resumable checkpoints in safetensors + JSON, written atomically.
+
+A checkpoint holds only what training changes: the method's trained tensors, the optimizer
+state, the LR-scheduler and grad-scaler state, the step and the loss history. No RNG state is
+needed: every random draw in sdtune is derived from (seed, step), so 2 steps + resume + 2
+steps equals 4 steps exactly. Nothing here is pickled, so loading a checkpoint cannot run code.
+
+Layout of ``output_dir/checkpoint-<step>/``:
+    trained.safetensors    method.state_dict()
+    optimizer.safetensors  optimizer state tensors, keyed "<param index>.<name>"
+    trainer_state.json     step, losses, optimizer hyper-parameters, scheduler and scaler state
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sdtune.errors import SdtuneError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    global_step: int = 0
+    loss_history: list[float] = field(default_factory=list)
+
+
+def save_checkpoint(
+    output_dir: Path, state: TrainerState, trained: dict[str, torch.Tensor], optimizer, lr_scheduler, scaler=None,
+    total_limit: int | None = None,
+) -> Path:
+    """Write ``checkpoint-<step>`` through a temporary folder renamed at the end (main process only)."""
+    final = output_dir / f"checkpoint-{state.global_step}"
+    tmp = output_dir / f".checkpoint-{state.global_step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in trained.items()}, str(tmp / "trained.safetensors"))
+    optimizer_tensors, optimizer_json = _split_optimizer_state(optimizer.state_dict())
+    save_file(optimizer_tensors, str(tmp / "optimizer.safetensors"))
+    payload = {
+        "global_step": state.global_step,
+        "loss_history": state.loss_history,
+        "optimizer": optimizer_json,
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+    }
+    (tmp / STATE_FILE).write_text(json.dumps(payload))  # written last: its presence marks a complete checkpoint
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    if total_limit is not None:
+        for old in list_checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (half-written ``.tmp`` folders are ignored)."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if CHECKPOINT_PATTERN.fullmatch(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.fullmatch(p.name).group(1)))
+
+
+def resolve_checkpoint(resume_from_checkpoint: str, output_dir: Path) -> Path | None:
+    """'latest' → newest complete checkpoint in output_dir (None if there is none); else the given folder."""
+    if resume_from_checkpoint == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume_from_checkpoint)
+    if not (path / STATE_FILE).is_file():
+        raise SdtuneError(f"--resume_from_checkpoint {path}: not a complete sdtune checkpoint (no {STATE_FILE})")
+    return path
+
+
+def load_checkpoint(path: Path, optimizer, lr_scheduler, scaler=None) -> tuple[TrainerState, dict[str, torch.Tensor]]:
+    """Restore optimizer/scheduler/scaler in place; return the trainer state and the trained tensors."""
+    payload = json.loads((path / STATE_FILE).read_text())
+    optimizer_tensors = load_file(str(path / "optimizer.safetensors"))
+    optimizer.load_state_dict(_join_optimizer_state(optimizer_tensors, payload["optimizer"]))
+    lr_scheduler.load_state_dict(payload["lr_scheduler"])
+    if scaler is not None and payload["scaler"]:
+        scaler.load_state_dict(payload["scaler"])
+    state = TrainerState(global_step=payload["global_step"], loss_history=payload["loss_history"])
+    return state, load_file(str(path / "trained.safetensors"))
+
+
+def _split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for index, values in state_dict["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], saved: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(saved["scalars"].items()):
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": saved["param_groups"]}

@@ -1,0 +1,277 @@
+"""Training configs: frozen dataclasses, filled from a recipe YAML and command-line flags.
+
+Field names are the diffusers example scripts' flag names wherever the concept is the same,
+so a `train_dreambooth_lora.py` command line works after swapping the program name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sdtune.errors import ConfigError
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A config field with its help text (shown by ``--help``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options every trainer shares: model, data, cache, optimisation, checkpoints, logging."""
+
+    # --- model -------------------------------------------------------------------------
+    pretrained_model_name_or_path: str | None = option(
+        None, "Base model: a Hub id, a local diffusers folder, or a single .safetensors checkpoint."
+    )
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) of the base model.")
+    variant: str | None = option(None, "Weight variant of the base model files, e.g. fp16.")
+    single_file_config: str | None = option(
+        None, "For a single-file checkpoint: a diffusers folder or Hub id whose configs describe it (default: inferred)."
+    )
+    prediction_type: Literal["epsilon", "v_prediction"] | None = option(
+        None, "Override the prediction type read from the scheduler config (SD 2.x 768 px models use v_prediction)."
+    )
+    allow_pickle: bool = option(False, "Allow loading pickle weights (.bin/.ckpt/.pt). Only for files you trust.")
+
+    # --- data ----------------------------------------------------------------------------
+    instance_data_dir: str | None = option(
+        None, "Image folder: captions as .txt beside each image (kohya), or a metadata.jsonl (HF imagefolder)."
+    )
+    dataset_name: str | None = option(None, "A `datasets` dataset (Hub id or local path) instead of a folder.")
+    dataset_config_name: str | None = option(None, "Config name of --dataset_name.")
+    image_column: str = option("image", "Image column of --dataset_name.")
+    caption_column: str = option("text", "Caption column of --dataset_name or metadata.jsonl.")
+    caption_extension: str = option(".txt", "Extension of caption files beside images.")
+    instance_prompt: str | None = option(None, "Caption for images that have none (e.g. 'a photo of sks dog').")
+    resolution: int = option(512, "Training resolution (square side, or bucket area side with --enable_bucket).")
+    center_crop: bool = option(False, "Crop the centre (default: a random crop, chosen once per image when latents are cached).")
+    random_flip: bool = option(False, "Flip images horizontally at random (both flips are cached).")
+    enable_bucket: bool = option(False, "Aspect-ratio bucketing: train each image at the bucket closest to its aspect.")
+    min_bucket_reso: int = option(256, "Smallest bucket side.")
+    max_bucket_reso: int = option(1024, "Largest bucket side.")
+    bucket_reso_steps: int = option(64, "Bucket sides are multiples of this.")
+    bucket_no_upscale: bool = option(False, "Never upscale: small images get a bucket no larger than themselves.")
+    shuffle_caption: bool = option(False, "Shuffle comma-separated caption tags each time a caption is used.")
+    keep_tokens: int = option(0, "With --shuffle_caption, keep this many leading tags in place (e.g. the trigger word).")
+    caption_dropout_rate: float = option(0.0, "Probability of training a sample with an empty caption.")
+    cache_dir: str | None = option(None, "Cache latents on disk here (default: in memory). Entries are keyed by content.")
+    cache_latents: bool = option(True, "Encode each image with the VAE once and reuse the latents.")
+    cache_text_embeddings: bool = option(True, "Encode each caption once when the text encoder is frozen.")
+    vae_batch_size: int = option(4, "Images per VAE call while caching.")
+    dataloader_num_workers: int = option(0, "Data loader worker processes.")
+
+    # --- optimisation ----------------------------------------------------------------------
+    output_dir: str = option("sdtune-output", "Where checkpoints, exports, logs and the resolved config go.")
+    seed: int = option(0, "Seed for model init, data order, noise and timesteps.")
+    train_batch_size: int = option(1, "Batch size per device.")
+    gradient_accumulation_steps: int = option(1, "Batches accumulated per optimizer step.")
+    max_train_steps: int = option(1000, "Optimizer steps to train for.")
+    learning_rate: float = option(1e-4, "Learning rate.")
+    scale_lr: bool = option(False, "Multiply the learning rate by accumulation steps x batch size x processes.")
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = option("constant", "Learning-rate schedule.")
+    lr_warmup_steps: int = option(0, "Warmup steps of the schedule.")
+    lr_num_cycles: int = option(1, "Hard restarts of cosine_with_restarts.")
+    lr_power: float = option(1.0, "Power of the polynomial schedule.")
+    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = option(
+        "adamw", "adamw (torch), adamw8bit (bitsandbytes, CUDA only) or prodigy (needs prodigyopt; use --learning_rate 1.0)."
+    )
+    adam_beta1: float = option(0.9, "Adam beta1.")
+    adam_beta2: float = option(0.999, "Adam beta2.")
+    adam_weight_decay: float = option(1e-2, "Weight decay.")
+    adam_epsilon: float = option(1e-8, "Adam epsilon.")
+    max_grad_norm: float = option(1.0, "Clip gradients to this norm (0 turns clipping off).")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = option(
+        None, "no / fp16 / bf16 (default: what `accelerate config` set). Trained weights stay fp32."
+    )
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
+    snr_gamma: float | None = option(None, "Min-SNR weighting gamma (5.0 is the paper's value). Off by default.")
+    noise_offset: float = option(0.0, "Noise offset strength (e.g. 0.05); 0 turns it off.")
+
+    # --- checkpoints, validation, logging -----------------------------------------------------
+    checkpointing_steps: int = option(500, "Save a resumable checkpoint every N steps (0: never).")
+    checkpoints_total_limit: int | None = option(None, "Keep at most this many checkpoints (oldest removed first).")
+    resume_from_checkpoint: str | None = option(None, "'latest' or a checkpoint folder to resume from.")
+    validation_prompt: str | None = option(None, "Prompt for validation images (none: no validation).")
+    num_validation_images: int = option(4, "Validation images per prompt.")
+    validation_steps: int = option(100, "Make validation images every N steps (and at the end).")
+    validation_inference_steps: int = option(25, "Denoising steps of validation images.")
+    report_to: Literal["tensorboard", "wandb", "none"] = option("tensorboard", "Tracker for losses and images.")
+    logging_dir: str = option("logs", "Tracker folder, relative to --output_dir.")
+    tracker_project_name: str = option("sdtune", "Project name in the tracker.")
+
+    method: typing.ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_type(f, getattr(self, f.name))
+        _check_range(self)
+
+    @property
+    def text_encoder_trained(self) -> bool:
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+@dataclass(frozen=True)
+class LoRAConfig(TrainConfig):
+    """LoRA on the UNet (and optionally the text encoder) through peft."""
+
+    rank: int = option(4, "LoRA rank.")
+    lora_alpha: float | None = option(None, "LoRA alpha (default: the rank, i.e. scale 1). Saved with the weights.")
+    lora_dropout: float = option(0.0, "Dropout on the LoRA branch.")
+    lora_targets: Literal["attn", "attn_ff", "all"] = option(
+        "attn", "UNet layers to adapt: attention projections, + feed-forward, or all linear and conv layers."
+    )
+    use_dora: bool = option(False, "Weight-decomposed LoRA (DoRA).")
+    train_text_encoder: bool = option(False, "Also train a LoRA on the text encoder (disables text-embedding caching).")
+    text_encoder_lr: float | None = option(None, "Learning rate of the text-encoder LoRA (default: --learning_rate).")
+
+    method: typing.ClassVar[str] = "lora"
+
+    @property
+    def text_encoder_trained(self) -> bool:
+        return self.train_text_encoder
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a config from a recipe and flags
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a recipe YAML file into a flat dict of option values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file; pass a recipe YAML such as recipes/sd15/lora.yaml")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected 'option: value' lines, got {type(values).__name__}")
+    values.pop("method", None)
+    return values
+
+
+def build_config(config_cls: type[TrainConfig], values: dict[str, Any], source: str = "option") -> TrainConfig:
+    """Make a config from option values, rejecting unknown names with a suggestion."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    normalized: dict[str, Any] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise ConfigError(f"unknown {source} '{key}'{did_you_mean(name, names)}")
+        normalized[name] = value
+    try:
+        return config_cls(**normalized)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def did_you_mean(name: str, candidates: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def field_choices(f: dataclasses.Field) -> tuple | None:
+    args = [a for a in _union_args(f.type) if typing.get_origin(a) is Literal]
+    return typing.get_args(args[0]) if args else None
+
+
+def field_base_type(f: dataclasses.Field) -> type:
+    """The scalar type of a field (bool/int/float/str), ignoring Optional and Literal."""
+    for arg in _union_args(f.type):
+        if arg is type(None):
+            continue
+        if typing.get_origin(arg) is Literal:
+            return type(typing.get_args(arg)[0])
+        return arg
+    raise TypeError(f"unsupported field type {f.type!r}")
+
+
+def parse_value(f: dataclasses.Field, text: str) -> Any:
+    """Parse a command-line string into the field's type ('none' gives None where allowed)."""
+    if text.lower() in ("none", "null") and type(None) in _union_args(f.type):
+        return None
+    kind = field_base_type(f)
+    if kind is bool:
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{f.name}: expected true or false, got '{text}'")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"--{f.name}: expected {kind.__name__}, got '{text}'") from None
+
+
+def _union_args(tp: Any) -> tuple:
+    if isinstance(tp, str):  # from __future__ annotations: resolve the string
+        tp = eval(tp, {**vars(typing), "Literal": Literal}, {})
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return typing.get_args(tp)
+    return (tp,)
+
+
+def _check_type(f: dataclasses.Field, value: Any) -> None:
+    args = _union_args(f.type)
+    if value is None:
+        if type(None) not in args:
+            raise ValueError(f"{f.name} is required and cannot be empty")
+        return
+    choices = field_choices(f)
+    if choices is not None:
+        if value not in choices:
+            raise ValueError(f"{f.name}: '{value}' is not one of {', '.join(map(str, choices))}{did_you_mean(str(value), map(str, choices))}")
+        return
+    kind = field_base_type(f)
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise ValueError(f"{f.name}: expected {kind.__name__}, got {json.dumps(value) if not isinstance(value, str) else repr(value)}")
+
+
+def _check_range(config: TrainConfig) -> None:
+    positive = ["resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "vae_batch_size",
+                "num_validation_images", "validation_steps", "bucket_reso_steps", "validation_inference_steps"]
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
+    for name in ("learning_rate", "checkpointing_steps", "lr_warmup_steps", "max_grad_norm", "noise_offset", "keep_tokens",
+                 "dataloader_num_workers"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} must not be negative, got {getattr(config, name)}")
+    if not 0.0 <= config.caption_dropout_rate <= 1.0:
+        raise ValueError(f"caption_dropout_rate must be between 0 and 1, got {config.caption_dropout_rate}")
+    if config.snr_gamma is not None and config.snr_gamma <= 0:
+        raise ValueError(f"snr_gamma must be positive, got {config.snr_gamma}")
+    if config.min_bucket_reso > config.max_bucket_reso:
+        raise ValueError(f"min_bucket_reso ({config.min_bucket_reso}) is larger than max_bucket_reso ({config.max_bucket_reso})")
+    if config.checkpoints_total_limit is not None and config.checkpoints_total_limit < 1:
+        raise ValueError("checkpoints_total_limit must be at least 1")
+    if isinstance(config, LoRAConfig):
+        if config.rank <= 0:
+            raise ValueError(f"rank must be positive, got {config.rank}")
+        if not 0.0 <= config.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {config.lora_dropout}")

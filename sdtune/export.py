@@ -1,0 +1,76 @@
+"""File formats of trained weights: diffusers/peft LoRA and kohya-ss LoRA (AUTOMATIC1111, ComfyUI).
+
+Only safetensors are written.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+KOHYA_UNET_PREFIX = "lora_unet"
+KOHYA_TEXT_ENCODER_PREFIX = "lora_te"
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def peft_to_kohya(state_dict: dict[str, torch.Tensor], prefix: str, alpha: float) -> dict[str, torch.Tensor]:
+    """Rename a peft LoRA state dict (``<module>.lora_A.weight``) to kohya-ss keys.
+
+    kohya names a module by its dotted path with dots turned to underscores after a prefix
+    (``lora_unet_down_blocks_0_attentions_0_proj_in``), with ``.lora_down.weight``,
+    ``.lora_up.weight`` and the scalar ``.alpha`` (scale = alpha / rank, as in peft). DoRA's
+    magnitude vector becomes ``.dora_scale``, shaped [out, 1, ...] as LyCORIS/ComfyUI read it.
+    """
+    renames = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight"}
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        for suffix in (*renames, ".lora_magnitude_vector", ".lora_magnitude_vector.weight"):
+            if key.endswith(suffix):
+                module = key[: -len(suffix)]
+                break
+        else:
+            raise ValueError(f"not a LoRA key: {key}")
+        name = f"{prefix}_{module.replace('.', '_')}"
+        if suffix in renames:
+            out[name + renames[suffix]] = tensor.contiguous()
+            out[name + ".alpha"] = torch.tensor(float(alpha))
+        else:
+            out[name + ".dora_scale"] = tensor.reshape(tensor.shape[0], 1).contiguous()
+    return out
+
+
+def save_kohya_lora(
+    path: str | Path,
+    unet_state_dict: dict[str, torch.Tensor],
+    text_encoder_state_dict: dict[str, torch.Tensor] | None,
+    *,
+    alpha: float,
+    rank: int,
+    metadata: dict[str, str] | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """Write one kohya-format LoRA file (what A1111's and ComfyUI's LoRA loaders read).
+
+    Weights are stored in ``dtype`` (fp16 by default, as these UIs expect); ``metadata`` adds
+    ``ss_*`` training notes that the UIs display.
+    """
+    tensors = peft_to_kohya(unet_state_dict, KOHYA_UNET_PREFIX, alpha)
+    if text_encoder_state_dict:
+        tensors.update(peft_to_kohya(text_encoder_state_dict, KOHYA_TEXT_ENCODER_PREFIX, alpha))
+    tensors = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".alpha") else v for k, v in tensors.items()}
+    header = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha)}
+    header.update(metadata or {})
+    return atomic_save_file(tensors, path, header)
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """``safetensors.save_file`` through a temporary file, so a crash never leaves a truncated file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,343 @@
+"""The one training loop, shared by every method (LoRA, DreamBooth, textual inversion).
+
+Trainer.setup() loads the model, lets the method inject what it trains, builds the cached
+data and the optimizer; Trainer.train() runs the steps, checkpoints, validates and exports.
+The loop never asks which method it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import ProjectConfiguration
+from tqdm.auto import tqdm
+
+from sdtune import checkpoint as ckpt
+from sdtune import diffusion
+from sdtune.config import TrainConfig
+from sdtune.data.cache import LatentCache, TextEmbeddingCache
+from sdtune.data.dataset import BucketBatchSampler, TrainDataset, collate, prepare_samples
+from sdtune.data.sources import find_records
+from sdtune.errors import ConfigError, TrainingDiverged
+from sdtune.methods import Method
+from sdtune.models import Components, encode_text, load_components, tokenize
+from sdtune.optim import build_lr_scheduler, build_optimizer
+from sdtune.sampling import sample_images, save_images
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "sdtune_config.yaml"
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    outputs: dict[str, Path]  # format name → file
+    global_step: int
+    loss_history: list[float] = field(default_factory=list)  # one mean loss per optimizer step
+    steps_per_second: float | None = None  # steady-state, excluding setup and caching
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.loss_history[-1] if self.loss_history else None
+
+
+def train(config: TrainConfig, method: Method) -> TrainResult:
+    """Run ``method`` with ``config`` from start (or the checkpoint it names) to export."""
+    trainer = Trainer(config, method)
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        trainer.cleanup()
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, method: Method):
+        if not config.pretrained_model_name_or_path:
+            raise ConfigError("--pretrained_model_name_or_path is required (a Hub id, a diffusers folder or a .safetensors file)")
+        self.config = config
+        self.method = method
+        self.output_dir = Path(config.output_dir)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        config = self.config
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            mixed_precision=config.mixed_precision,
+            log_with=None if config.report_to == "none" else config.report_to,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / config.logging_dir)),
+        )
+        self.weight_dtype = WEIGHT_DTYPES.get(self.accelerator.mixed_precision, torch.float32)
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            config.save(self.output_dir / CONFIG_FILE)
+        self._setup_model()
+        self._setup_data()
+        self._setup_optimizer()
+        self.state = ckpt.TrainerState()
+        if config.resume_from_checkpoint:
+            self._resume()
+        if config.report_to != "none" and self.accelerator.is_main_process:
+            self.accelerator.init_trackers(config.tracker_project_name, config=_tracker_config(config))
+
+    def _setup_model(self) -> None:
+        config = self.config
+        self.components = load_components(
+            config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant,
+            single_file_config=config.single_file_config, prediction_type=config.prediction_type,
+            allow_pickle=config.allow_pickle, weight_dtype=self.weight_dtype,
+        )
+        device = self.accelerator.device
+        for module in (self.components.unet, self.components.vae, self.components.text_encoder):
+            module.to(device)
+        self.param_groups = self.method.prepare(self.components)
+        if config.gradient_checkpointing:
+            self.components.unet.enable_gradient_checkpointing()
+            if self.method.trains_text_encoder:
+                self.components.text_encoder.gradient_checkpointing_enable()
+
+    def _setup_data(self) -> None:
+        config, accelerator, components = self.config, self.accelerator, self.components
+        records = find_records(
+            instance_data_dir=config.instance_data_dir, dataset_name=config.dataset_name,
+            dataset_config_name=config.dataset_config_name, image_column=config.image_column,
+            caption_column=config.caption_column, caption_extension=config.caption_extension,
+        )
+        samples = prepare_samples(
+            records, resolution=config.resolution, instance_prompt=config.instance_prompt, center_crop=config.center_crop,
+            enable_bucket=config.enable_bucket, min_bucket_reso=config.min_bucket_reso, max_bucket_reso=config.max_bucket_reso,
+            bucket_reso_steps=config.bucket_reso_steps, bucket_no_upscale=config.bucket_no_upscale, seed=config.seed,
+            source=config.instance_data_dir or config.dataset_name,
+        )
+        latents = None
+        if config.cache_latents:
+            latents = LatentCache(fingerprint=components.fingerprint, dtype=components.vae.dtype,
+                                  resolution=config.resolution, cache_dir=config.cache_dir)
+            flips = (False, True) if config.random_flip else (False,)
+            latents.build(samples, flips, components.vae, accelerator, config.vae_batch_size)
+        self.text_cache = None
+        if config.cache_text_embeddings and not self.method.trains_text_encoder:
+            self.text_cache = TextEmbeddingCache(self._encode_captions)
+            self.text_cache.prefill([s.caption for s in samples] + [""] * (config.caption_dropout_rate > 0))
+        dataset = TrainDataset(
+            samples, latents=latents, random_flip=config.random_flip, shuffle_caption=config.shuffle_caption,
+            keep_tokens=config.keep_tokens, caption_dropout_rate=config.caption_dropout_rate, seed=config.seed,
+        )
+        self.sampler = BucketBatchSampler(
+            [s.bucket for s in samples], config.train_batch_size, num_processes=accelerator.num_processes,
+            process_index=accelerator.process_index, seed=config.seed,
+        )
+        # Not passed to accelerator.prepare: the sampler already gives each process its slice of
+        # every global batch, which makes N processes equal one and resume exact.
+        self.dataloader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=config.dataloader_num_workers,
+            pin_memory=accelerator.device.type == "cuda",
+        )
+        self.num_samples = len(samples)
+
+    def _setup_optimizer(self) -> None:
+        config, accelerator = self.config, self.accelerator
+        if config.scale_lr:
+            factor = config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
+            for group in self.param_groups:
+                group["lr"] *= factor
+        optimizer = build_optimizer(config, self.param_groups)
+        self.lr_scheduler = build_lr_scheduler(config, optimizer)
+        models = self.method.trained_models(self.components)
+        prepared = accelerator.prepare(*models, optimizer)
+        self.models, self.optimizer = list(prepared[:-1]), prepared[-1]
+        self.unet = self.models[0]  # the DDP/autocast wrapper used for the forward pass
+        self.text_encoder = self.models[1] if self.method.trains_text_encoder else self.components.text_encoder
+        self.trained_params = [p for group in self.param_groups for p in group["params"]]
+
+    def _resume(self) -> None:
+        path = ckpt.resolve_checkpoint(self.config.resume_from_checkpoint, self.output_dir)
+        if path is None:
+            logger.info("no checkpoint in %s yet; starting from step 0", self.output_dir)
+            return
+        self.state, trained = ckpt.load_checkpoint(path, self.optimizer, self.lr_scheduler, self.accelerator.scaler)
+        self.method.load_state_dict(self.components, trained)
+        logger.info("resumed from %s at step %d", path, self.state.global_step)
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> TrainResult:
+        config, accelerator = self.config, self.accelerator
+        accum = config.gradient_accumulation_steps
+        self.sampler.start = self.state.global_step * accum  # the exact next batch, mid-epoch included
+        batches = iter(self.dataloader)
+        progress = tqdm(range(config.max_train_steps), initial=self.state.global_step, desc="Training",
+                        disable=not accelerator.is_local_main_process)
+        logger.info("training %d samples for %d steps (%d processes x batch %d x %d accumulation)", self.num_samples,
+                    config.max_train_steps, accelerator.num_processes, config.train_batch_size, accum)
+        pending: list[torch.Tensor] = []  # per-step losses kept on device until the next flush (no sync per step)
+        first_step, timer = self.state.global_step, None
+        while self.state.global_step < config.max_train_steps:
+            if timer is None and self.state.global_step == first_step + 1:
+                timer = time.perf_counter()  # steady state starts after the first (warm-up) step
+            step_loss = torch.zeros((), device=accelerator.device)
+            for micro in range(accum):
+                micro_step = self.state.global_step * accum + micro
+                with accelerator.accumulate(*self.models):
+                    loss = self.training_step(next(batches), micro_step)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(self.trained_params, config.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                step_loss += loss.detach() / accum
+            self.lr_scheduler.step()
+            self.method.after_step(self.components)
+            self.state.global_step += 1
+            pending.append(step_loss)
+            progress.update(1)
+            step = self.state.global_step
+            is_last = step == config.max_train_steps
+            checkpoint_due = config.checkpointing_steps and step % config.checkpointing_steps == 0
+            if step % _LOG_EVERY == 0 or checkpoint_due or is_last:
+                self._flush_losses(pending, progress)
+                pending = []
+            if checkpoint_due and not is_last:
+                self.save_checkpoint()
+            if config.validation_prompt and (step % config.validation_steps == 0 or is_last):
+                self.validate()
+        progress.close()
+        steps_per_second = None
+        if timer is not None and self.state.global_step - first_step > 1:
+            steps_per_second = (self.state.global_step - first_step - 1) / (time.perf_counter() - timer)
+        outputs = self.export()
+        return TrainResult(self.output_dir, outputs, self.state.global_step, list(self.state.loss_history), steps_per_second)
+
+    def training_step(self, batch: dict, micro_step: int) -> torch.Tensor:
+        """Loss of one batch. Every random draw comes from (seed, micro_step), drawn for the global batch."""
+        config, components, accelerator = self.config, self.components, self.accelerator
+        device = accelerator.device
+        local = len(batch["caption"])
+        lo, global_batch = accelerator.process_index * local, local * accelerator.num_processes
+        generator = torch.Generator().manual_seed(_step_seed(config.seed, micro_step))
+        torch.manual_seed(_step_seed(config.seed, micro_step) + accelerator.process_index)  # LoRA dropout
+
+        mean, std = self._posterior(batch)  # [B, 4, H/8, W/8]
+        shape = (global_batch, *mean.shape[1:])
+        eps = torch.randn(shape, generator=generator)[lo : lo + local].to(device)
+        noise = diffusion.sample_noise(shape, generator, config.noise_offset)[lo : lo + local].to(device)
+        timesteps = diffusion.sample_timesteps(global_batch, components.noise_scheduler.config.num_train_timesteps,
+                                               generator)[lo : lo + local].to(device)
+        latents = (mean.float() + std.float() * eps) * components.vae.config.scaling_factor
+        alphas_cumprod = components.alphas_cumprod
+        noisy_latents = diffusion.add_noise(latents, noise, timesteps, alphas_cumprod)
+
+        if self.text_cache is not None:
+            encoder_hidden_states = self.text_cache(batch["caption"])
+        else:
+            encoder_hidden_states = encode_text(self.text_encoder, tokenize(components.tokenizer, batch["caption"]).to(device))
+        model_pred = self.unet(noisy_latents.to(self.weight_dtype), timesteps,
+                               encoder_hidden_states.to(self.weight_dtype)).sample
+        target = diffusion.training_target(latents, noise, timesteps, alphas_cumprod, components.prediction_type)
+        weights = batch["loss_weight"].to(device)
+        if config.snr_gamma is not None:
+            weights = weights * diffusion.min_snr_weights(timesteps, alphas_cumprod, config.snr_gamma,
+                                                          components.prediction_type)
+        return diffusion.diffusion_loss(model_pred, target, weights)
+
+    def _posterior(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.accelerator.device
+        if "latent_mean" in batch:
+            return batch["latent_mean"].to(device, non_blocking=True), batch["latent_std"].to(device, non_blocking=True)
+        vae = self.components.vae  # no cache: the frozen VAE runs on every batch
+        with torch.no_grad():
+            posterior = vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist
+        return posterior.mean, posterior.std
+
+    @torch.no_grad()
+    def _encode_captions(self, captions: list[str]) -> torch.Tensor:
+        ids = tokenize(self.components.tokenizer, captions).to(self.accelerator.device)
+        return encode_text(self.components.text_encoder, ids)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _flush_losses(self, pending: list[torch.Tensor], progress) -> None:
+        """Move pending losses to the host (the only sync point), check them and log them."""
+        losses = self.accelerator.reduce(torch.stack(pending), reduction="mean").float().cpu().tolist()
+        first = self.state.global_step - len(losses) + 1
+        for offset, value in enumerate(losses):
+            if not math.isfinite(value):
+                kept = ckpt.list_checkpoints(self.output_dir)
+                raise TrainingDiverged(
+                    f"the loss became {value} at step {first + offset}; lower --learning_rate, try --mixed_precision bf16 "
+                    f"or no, and resume from {kept[-1] if kept else 'the start'}"
+                )
+        self.state.loss_history.extend(losses)
+        lr = self.lr_scheduler.get_last_lr()[0]
+        progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
+        if self.config.report_to != "none":
+            for offset, value in enumerate(losses):
+                self.accelerator.log({"loss": value, "lr": lr}, step=first + offset)
+
+    def save_checkpoint(self) -> Path | None:
+        """Every process reaches here together; only the main process writes."""
+        path = None
+        if self.accelerator.is_main_process:
+            path = ckpt.save_checkpoint(
+                self.output_dir, self.state, self.method.state_dict(self.components), self.optimizer,
+                self.lr_scheduler, self.accelerator.scaler, total_limit=self.config.checkpoints_total_limit,
+            )
+            logger.info("saved %s", path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def validate(self) -> None:
+        if self.accelerator.is_main_process:
+            config = self.config
+            images = sample_images(
+                self.components, config.validation_prompt, num_images=config.num_validation_images, seed=config.seed,
+                resolution=config.resolution, num_inference_steps=config.validation_inference_steps,
+                autocast=self.accelerator.autocast,
+            )
+            save_images(images, self.output_dir / "validation", stem=f"step{self.state.global_step:06d}")
+            for tracker in self.accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    import numpy as np
+
+                    tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]),
+                                              self.state.global_step, dataformats="NHWC")
+        self.accelerator.wait_for_everyone()
+
+    def export(self) -> dict[str, Path]:
+        outputs: dict[str, Path] = {}
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            outputs = self.method.export(self.components, self.output_dir)
+            outputs["config"] = self.output_dir / CONFIG_FILE
+            logger.info("wrote %s", ", ".join(str(p) for p in outputs.values()))
+        self.accelerator.wait_for_everyone()
+        return outputs
+
+    def cleanup(self) -> None:
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None:
+            accelerator.end_training()
+            # Let the next train() in this Python process (a notebook) choose another mixed precision.
+            AcceleratorState._reset_state()
+
+
+_LOG_EVERY = 10  # steps between host syncs for logging; also flushed at checkpoints and the end
+
+
+def _step_seed(seed: int, micro_step: int) -> int:
+    return (seed * 1_000_003 + micro_step) % (2**63)
+
+
+def _tracker_config(config: TrainConfig) -> dict:
+    """Tracker hparams accept only scalars: None and lists become strings."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}

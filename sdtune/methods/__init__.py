@@ -1,0 +1,36 @@
+"""Training methods. Each is a small object the one loop (sdtune.loop) drives; see Method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from sdtune.models import Components
+
+
+class Method(Protocol):
+    """What the loop needs from a method; it never asks which method it runs."""
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        """Whether the text encoder's output changes during training (then captions cannot be cached)."""
+
+    def prepare(self, components: Components) -> list[dict]:
+        """Freeze/unfreeze and inject what is trained; return optimizer parameter groups."""
+
+    def trained_models(self, components: Components) -> list[torch.nn.Module]:
+        """Modules that hold trained parameters (wrapped for DDP, accumulated, checkpointed)."""
+
+    def after_step(self, components: Components) -> None:
+        """Called after every optimizer step (e.g. restore frozen embedding rows)."""
+
+    def state_dict(self, components: Components) -> dict[str, torch.Tensor]:
+        """Only the trained state, for checkpoints."""
+
+    def load_state_dict(self, components: Components, state_dict: dict[str, torch.Tensor]) -> None:
+        """Restore what ``state_dict`` returned (on a freshly prepared model)."""
+
+    def export(self, components: Components, output_dir: Path) -> dict[str, Path]:
+        """Write every output format; return {format name: path}."""

@@ -1,0 +1,126 @@
+"""LoRA (and DoRA) adapters on the UNet and optionally the text encoder, through peft."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from sdtune.config import LoRAConfig
+from sdtune.export import DIFFUSERS_LORA_FILE, save_kohya_lora
+from sdtune.models import Components
+
+# Module-name patterns (full match against UNet module paths) for --lora_targets.
+_ATTENTION = r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+_TRANSFORMER = r".*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2))"
+_RESNET = r".*(resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|(down|up)samplers\.0\.conv)"
+UNET_TARGETS = {
+    "attn": [_ATTENTION],
+    "attn_ff": [_ATTENTION, _TRANSFORMER],  # kohya's default LoRA: the whole transformer block
+    "all": [_ATTENTION, _TRANSFORMER, _RESNET],  # + convolutions (LoCon / kohya conv_dim)
+}
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+ADAPTER_NAME = "default"
+KOHYA_LORA_FILE = "kohya_lora.safetensors"  # for AUTOMATIC1111 / ComfyUI (models/Lora)
+
+
+def unet_target_modules(unet: torch.nn.Module, targets: str) -> list[str]:
+    """The UNet module paths --lora_targets selects (explicit names make exports easy to inspect)."""
+    patterns = [re.compile(p) for p in UNET_TARGETS[targets]]
+    return [name for name, _ in unet.named_modules() if any(p.fullmatch(name) for p in patterns)]
+
+
+class LoRAMethod:
+    """Trains low-rank adapters; the base weights never change."""
+
+    def __init__(self, config: LoRAConfig):
+        self.config = config
+        self.lora_alpha = config.lora_alpha if config.lora_alpha is not None else float(config.rank)
+        self.unet_targets: list[str] = []
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self.config.train_text_encoder
+
+    def _lora_config(self, target_modules: list[str]) -> LoraConfig:
+        return LoraConfig(
+            r=self.config.rank, lora_alpha=self.lora_alpha, lora_dropout=self.config.lora_dropout,
+            use_dora=self.config.use_dora, init_lora_weights="gaussian", target_modules=target_modules,
+        )
+
+    def prepare(self, components: Components) -> list[dict]:
+        self.unet_targets = unet_target_modules(components.unet, self.config.lora_targets)
+        components.unet.add_adapter(self._lora_config(self.unet_targets), adapter_name=ADAPTER_NAME)
+        models = [components.unet]
+        if self.config.train_text_encoder:
+            components.text_encoder.add_adapter(self._lora_config(TEXT_ENCODER_TARGETS), adapter_name=ADAPTER_NAME)
+            models.append(components.text_encoder)
+        # fp16/bf16 runs keep the frozen base in the weight dtype; trained weights must be fp32
+        # or the grad scaler fails ("Attempting to unscale FP16 gradients").
+        cast_training_params(models, dtype=torch.float32)
+        groups = [{"params": _trainable(components.unet), "lr": self.config.learning_rate}]
+        if self.config.train_text_encoder:
+            lr = self.config.text_encoder_lr if self.config.text_encoder_lr is not None else self.config.learning_rate
+            groups.append({"params": _trainable(components.text_encoder), "lr": lr})
+        return groups
+
+    def trained_models(self, components: Components) -> list[torch.nn.Module]:
+        return [components.unet, components.text_encoder] if self.config.train_text_encoder else [components.unet]
+
+    def after_step(self, components: Components) -> None:
+        pass
+
+    def state_dict(self, components: Components) -> dict[str, torch.Tensor]:
+        state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(_unwrap(components.unet)).items()}
+        if self.config.train_text_encoder:
+            te = get_peft_model_state_dict(_unwrap(components.text_encoder))
+            state.update({f"text_encoder.{k}": v for k, v in te.items()})
+        return state
+
+    def load_state_dict(self, components: Components, state_dict: dict[str, torch.Tensor]) -> None:
+        for prefix, model in (("unet.", components.unet), ("text_encoder.", components.text_encoder)):
+            part = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            if part:
+                result = set_peft_model_state_dict(_unwrap(model), part, adapter_name=ADAPTER_NAME)
+                unexpected = getattr(result, "unexpected_keys", None)
+                if unexpected:
+                    raise RuntimeError(f"checkpoint holds LoRA weights the model lacks: {unexpected[:3]}")
+
+    def lora_state_dicts(self, components: Components):
+        unet = get_peft_model_state_dict(_unwrap(components.unet))
+        te = get_peft_model_state_dict(_unwrap(components.text_encoder)) if self.config.train_text_encoder else None
+        return unet, te
+
+    def export(self, components: Components, output_dir: Path) -> dict[str, Path]:
+        unet_sd, te_sd = self.lora_state_dicts(components)
+        metadata = {"r": self.config.rank, "lora_alpha": self.lora_alpha, "use_dora": self.config.use_dora}
+        StableDiffusionPipeline.save_lora_weights(
+            output_dir,
+            unet_lora_layers=convert_state_dict_to_diffusers(unet_sd),
+            text_encoder_lora_layers=convert_state_dict_to_diffusers(te_sd) if te_sd else None,
+            unet_lora_adapter_metadata={**metadata, "target_modules": self.unet_targets},
+            text_encoder_lora_adapter_metadata={**metadata, "target_modules": TEXT_ENCODER_TARGETS} if te_sd else None,
+            safe_serialization=True,
+        )
+        kohya_path = save_kohya_lora(
+            output_dir / KOHYA_LORA_FILE, unet_sd, te_sd,
+            alpha=self.lora_alpha, rank=self.config.rank,
+            metadata={"ss_base_model_version": "sd_v1", "ss_sd_model_name": str(self.config.pretrained_model_name_or_path)},
+        )
+        return {"diffusers": output_dir / DIFFUSERS_LORA_FILE, "kohya": kohya_path}
+
+
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP / torch.compile wrapper."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)

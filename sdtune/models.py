@@ -1,0 +1,149 @@
+"""Load the pretrained pieces of a Stable Diffusion model: UNet, VAE, text encoder, tokenizer, scheduler."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from sdtune.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+
+@dataclass
+class Components:
+    """The pieces a trainer works on. ``fingerprint`` identifies the weights for cache keys."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    noise_scheduler: DDPMScheduler
+    prediction_type: str
+    fingerprint: str
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.noise_scheduler.alphas_cumprod
+
+    def pipeline(self, **kwargs) -> StableDiffusionPipeline:
+        """A pipeline over these very modules (trained adapters included), for sampling and export."""
+        return StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=self.noise_scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, **kwargs,
+        )
+
+
+def load_components(
+    pretrained_model_name_or_path: str,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    single_file_config: str | None = None,
+    prediction_type: str | None = None,
+    allow_pickle: bool = False,
+    weight_dtype: torch.dtype = torch.float32,
+) -> Components:
+    """Load every component from a Hub id, a local diffusers folder or a single checkpoint file.
+
+    All components come back frozen (``requires_grad=False``) in eval mode; the UNet, VAE and text
+    encoder are cast to ``weight_dtype``. Methods unfreeze or add what they train.
+
+    Raises:
+        ModelLoadError: the model cannot be found, or only pickle weights exist and ``allow_pickle`` is off.
+    """
+    source = str(pretrained_model_name_or_path)
+    try:
+        if Path(source).is_file():
+            parts = _load_single_file(source, single_file_config, allow_pickle)
+        else:
+            parts = _load_diffusers_layout(source, revision, variant, allow_pickle)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, EnvironmentError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"--pretrained_model_name_or_path {source}: could not load the model ({first_line}); "
+            "pass a diffusers folder, a Hub id or a .safetensors checkpoint"
+        ) from None
+    unet, vae, text_encoder, tokenizer, scheduler = parts
+
+    if tokenizer.model_max_length > 1_000_000:  # tokenizers saved without it break max-length padding
+        tokenizer.model_max_length = text_encoder.config.max_position_embeddings
+    if prediction_type is not None:
+        scheduler.register_to_config(prediction_type=prediction_type)
+    # The VAE overflows in fp16 on SD 2.x/XL; it only runs for caching and validation, so keep it fp32.
+    vae_dtype = torch.float32 if weight_dtype == torch.float16 else weight_dtype
+    for module, dtype in ((unet, weight_dtype), (vae, vae_dtype), (text_encoder, weight_dtype)):
+        module.requires_grad_(False)
+        module.eval()
+        if module.dtype != dtype:
+            module.to(dtype=dtype)
+    return Components(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=scheduler,
+        prediction_type=scheduler.config.prediction_type, fingerprint=_fingerprint(vae),
+    )
+
+
+def _load_diffusers_layout(source: str, revision, variant, allow_pickle: bool):
+    common = dict(revision=revision, variant=variant)
+    use_safetensors = None if allow_pickle else True
+    if Path(source).is_dir():
+        _require_safetensors_or_opt_in(Path(source), allow_pickle)
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", use_safetensors=use_safetensors, **common)
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=use_safetensors, **common)
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", use_safetensors=use_safetensors, **common)
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
+    scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
+    return unet, vae, text_encoder, tokenizer, scheduler
+
+
+def _load_single_file(path: str, config: str | None, allow_pickle: bool):
+    if path.endswith(PICKLE_SUFFIXES) and not allow_pickle:
+        raise ModelLoadError(
+            f"--pretrained_model_name_or_path {path} is a pickle file, which can run code when loaded; "
+            "convert it to .safetensors or pass --allow_pickle if you trust it"
+        )
+    kwargs = {"config": config} if config else {}
+    pipe = StableDiffusionPipeline.from_single_file(path, safety_checker=None, **kwargs)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler
+
+
+def _require_safetensors_or_opt_in(folder: Path, allow_pickle: bool) -> None:
+    weights = [p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin", ".ckpt", ".pt")]
+    if weights and not allow_pickle and not any(p.suffix == ".safetensors" for p in weights):
+        raise ModelLoadError(
+            f"--pretrained_model_name_or_path {folder} holds only pickle weights (.bin), which can run code when "
+            "loaded; convert them to safetensors or pass --allow_pickle if you trust them"
+        )
+
+
+def _fingerprint(vae: AutoencoderKL) -> str:
+    """Identify the VAE by its config and weights (about 0.3 s for SD's 84M parameters), wherever it was loaded from."""
+    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    for p in vae.state_dict().values():
+        digest.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids padded/truncated to the tokenizer's max length (77 for CLIP). [B, 77]"""
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def encode_text(text_encoder: CLIPTextModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """The last hidden state SD conditions on. [B, 77, D]"""
+    return text_encoder(input_ids)[0]

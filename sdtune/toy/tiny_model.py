@@ -1,0 +1,90 @@
+"""Build a tiny, randomly initialised Stable Diffusion model and save it as a diffusers folder.
+
+It has the architecture of SD 1.x/2.x (UNet with cross-attention, KL VAE, CLIP text encoder
+and CLIP BPE tokenizer) at a few hundred thousand parameters, so every real code path
+(`save_pretrained`/`from_pretrained`, LoRA injection, exports) runs on a CPU in seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+TOKENIZER_DIR = Path(__file__).parent / "clip_tokenizer"
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """CLIP's BPE tokenizer restricted to the first 8,000 merges (8,514 tokens); see tools/make_clip_tokenizer.py."""
+    return CLIPTokenizer(
+        str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=77
+    )
+
+
+def build_tiny_model(
+    output_dir: str | Path,
+    *,
+    prediction_type: str = "epsilon",
+    seed: int = 0,
+    sample_size: int = 8,
+    hidden_size: int = 32,
+) -> Path:
+    """Save a tiny SD pipeline folder to ``output_dir`` and return its path.
+
+    Args:
+        output_dir: Folder to write (``model_index.json``, ``unet/``, ``vae/``, ...).
+        prediction_type: ``epsilon`` (SD 1.x style) or ``v_prediction`` (SD 2.x 768 style).
+        seed: Seed of the random initialisation.
+        sample_size: Latent side the UNet is configured for (images are 8x larger).
+        hidden_size: Text-encoder width, also the UNet's cross-attention width.
+    """
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=hidden_size,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size * 8,
+    )
+    tokenizer = tiny_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        prediction_type=prediction_type, clip_sample=False, steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    output_dir = Path(output_dir)
+    pipe.save_pretrained(output_dir, safe_serialization=True)
+    return output_dir
