@@ -83,8 +83,13 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.output_dir / CONFIG_FILE)
+        records = find_records(  # before loading the model: a wrong folder should fail in a second, not a minute
+            instance_data_dir=config.instance_data_dir, dataset_name=config.dataset_name,
+            dataset_config_name=config.dataset_config_name, image_column=config.image_column,
+            caption_column=config.caption_column, caption_extension=config.caption_extension,
+        )
         self._setup_model()
-        self._setup_data()
+        self._setup_data(records)
         self._setup_optimizer()
         self.state = ckpt.TrainerState()
         if config.resume_from_checkpoint:
@@ -108,13 +113,8 @@ class Trainer:
             if self.method.trains_text_encoder:
                 self.components.text_encoder.gradient_checkpointing_enable()
 
-    def _setup_data(self) -> None:
+    def _setup_data(self, records) -> None:
         config, accelerator, components = self.config, self.accelerator, self.components
-        records = find_records(
-            instance_data_dir=config.instance_data_dir, dataset_name=config.dataset_name,
-            dataset_config_name=config.dataset_config_name, image_column=config.image_column,
-            caption_column=config.caption_column, caption_extension=config.caption_extension,
-        )
         samples = prepare_samples(
             records, resolution=config.resolution, instance_prompt=config.instance_prompt, center_crop=config.center_crop,
             enable_bucket=config.enable_bucket, min_bucket_reso=config.min_bucket_reso, max_bucket_reso=config.max_bucket_reso,

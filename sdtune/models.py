@@ -63,6 +63,8 @@ def load_components(
         ModelLoadError: the model cannot be found, or only pickle weights exist and ``allow_pickle`` is off.
     """
     source = str(pretrained_model_name_or_path)
+    if _looks_like_local_path(source) and not Path(source).exists():
+        raise ModelLoadError(f"--pretrained_model_name_or_path {source}: no such file or folder")
     try:
         if Path(source).is_file():
             parts = _load_single_file(source, single_file_config, allow_pickle)
@@ -93,6 +95,11 @@ def load_components(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=scheduler,
         prediction_type=scheduler.config.prediction_type, fingerprint=_fingerprint(vae),
     )
+
+
+def _looks_like_local_path(source: str) -> bool:
+    """Hub ids are 'name' or 'owner/name'; anything else is meant as a path on disk."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
 
 
 def _load_diffusers_layout(source: str, revision, variant, allow_pickle: bool):
