@@ -90,11 +90,27 @@ def load_checkpoint(path: Path, optimizer, lr_scheduler, scaler=None) -> tuple[T
     payload = json.loads((path / STATE_FILE).read_text())
     optimizer_tensors = load_file(str(path / "optimizer.safetensors"))
     optimizer.load_state_dict(_join_optimizer_state(optimizer_tensors, payload["optimizer"]))
-    lr_scheduler.load_state_dict(payload["lr_scheduler"])
+    _restore_schedule(lr_scheduler, optimizer, payload["lr_scheduler"])
     if scaler is not None and payload["scaler"]:
         scaler.load_state_dict(payload["scaler"])
     state = TrainerState(global_step=payload["global_step"], loss_history=payload["loss_history"])
     return state, load_file(str(path / "trained.safetensors"))
+
+
+def _restore_schedule(lr_scheduler, optimizer, saved: dict) -> None:
+    """Continue the schedule at the saved step, under the current run's settings.
+
+    The current --learning_rate and schedule length win over the checkpoint's, and the
+    optimizer's lr is recomputed for the next step: a run trained to the end of a shorter
+    schedule would otherwise resume at lr 0 (kohya #141).
+    """
+    base_lrs = list(lr_scheduler.base_lrs)
+    lr_scheduler.load_state_dict(saved)
+    lr_scheduler.base_lrs = base_lrs
+    lrs = [base * schedule(lr_scheduler.last_epoch) for base, schedule in zip(base_lrs, lr_scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    lr_scheduler._last_lr = lrs
 
 
 def _split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:

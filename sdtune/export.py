@@ -59,6 +59,11 @@ def save_kohya_lora(
     """
     tensors = peft_to_kohya(unet_state_dict, KOHYA_UNET_PREFIX, alpha)
     if text_encoder_state_dict:
+        # A1111/ComfyUI name CLIP modules as transformers 4 did (text_model.encoder.layers...);
+        # transformers 5 dropped the text_model level, so put it back.
+        text_encoder_state_dict = {
+            (k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in text_encoder_state_dict.items()
+        }
         tensors.update(peft_to_kohya(text_encoder_state_dict, KOHYA_TEXT_ENCODER_PREFIX, alpha))
     tensors = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".alpha") else v for k, v in tensors.items()}
     header = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha)}

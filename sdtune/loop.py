@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from sdtune import checkpoint as ckpt
@@ -80,6 +80,7 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / config.logging_dir)),
         )
         self.weight_dtype = WEIGHT_DTYPES.get(self.accelerator.mixed_precision, torch.float32)
+        set_seed(config.seed)  # adapter initialisation draws from the global RNGs
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.output_dir / CONFIG_FILE)
@@ -208,7 +209,7 @@ class Trainer:
             if step % _LOG_EVERY == 0 or checkpoint_due or is_last:
                 self._flush_losses(pending, progress)
                 pending = []
-            if checkpoint_due and not is_last:
+            if checkpoint_due:
                 self.save_checkpoint()
             if config.validation_prompt and (step % config.validation_steps == 0 or is_last):
                 self.validate()

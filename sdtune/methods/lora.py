@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -102,8 +101,11 @@ class LoRAMethod:
         metadata = {"r": self.config.rank, "lora_alpha": self.lora_alpha, "use_dora": self.config.use_dora}
         StableDiffusionPipeline.save_lora_weights(
             output_dir,
-            unet_lora_layers=convert_state_dict_to_diffusers(unet_sd),
-            text_encoder_lora_layers=convert_state_dict_to_diffusers(te_sd) if te_sd else None,
+            # peft key names (lora_A/lora_B) as diffusers' loader reads them; diffusers' own
+            # convert_state_dict_to_diffusers renames attention keys only, and a file mixing both
+            # spellings (conv targets) silently loses its attention LoRA on load.
+            unet_lora_layers=unet_sd,
+            text_encoder_lora_layers=te_sd or None,
             unet_lora_adapter_metadata={**metadata, "target_modules": self.unet_targets},
             text_encoder_lora_adapter_metadata={**metadata, "target_modules": TEXT_ENCODER_TARGETS} if te_sd else None,
             safe_serialization=True,

@@ -1,0 +1,204 @@
+"""The training loop: seeded loss regression, exact resume, caching equivalence, failures that keep work."""
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sdtune
+import sdtune.loop
+from sdtune import train_lora
+from sdtune.checkpoint import list_checkpoints, resolve_checkpoint
+from sdtune.errors import ConfigError, SdtuneError, TrainingDiverged
+from sdtune.loop import Trainer
+
+EXPECTED_LOSSES = Path(__file__).parent / "data" / "expected_losses.json"
+
+
+def _lora_weights(result):
+    return load_file(result.outputs["diffusers"])
+
+
+def test_seeded_losses_match_the_committed_values(lora_config, tiny_model_v):
+    """Regenerate on purpose only: SDTUNE_REGENERATE_LOSSES=1 pytest tests/test_loop.py -k committed."""
+    runs = {
+        "epsilon": lora_config,
+        "v_prediction_min_snr_noise_offset": dataclasses.replace(
+            lora_config, pretrained_model_name_or_path=str(tiny_model_v), snr_gamma=5.0, noise_offset=0.05,
+            output_dir=lora_config.output_dir + "-v"),
+    }
+    losses = {name: train_lora(config).loss_history for name, config in runs.items()}
+    if os.environ.get("SDTUNE_REGENERATE_LOSSES"):
+        EXPECTED_LOSSES.write_text(json.dumps(losses, indent=1) + "\n")
+    expected = json.loads(EXPECTED_LOSSES.read_text())
+    for name in runs:
+        assert len(losses[name]) == lora_config.max_train_steps
+        torch.testing.assert_close(torch.tensor(losses[name]), torch.tensor(expected[name]), rtol=1e-4, atol=1e-6)
+
+
+def test_same_seed_same_run_and_other_seed_differs(lora_config, tmp_path):
+    a = train_lora(dataclasses.replace(lora_config, output_dir=str(tmp_path / "a")))
+    b = train_lora(dataclasses.replace(lora_config, output_dir=str(tmp_path / "b")))
+    c = train_lora(dataclasses.replace(lora_config, output_dir=str(tmp_path / "c"), seed=1))
+    assert a.loss_history == b.loss_history != c.loss_history
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(lora_config, tmp_path, monkeypatch):
+    config = dataclasses.replace(lora_config, max_train_steps=4, checkpointing_steps=2, train_batch_size=3, lr_scheduler="cosine",
+                                 lr_warmup_steps=1, random_flip=True, shuffle_caption=True, caption_dropout_rate=0.3)
+    full = train_lora(dataclasses.replace(config, output_dir=str(tmp_path / "full")))
+
+    interrupted = dataclasses.replace(config, output_dir=str(tmp_path / "resumed"))
+    original_save = Trainer.save_checkpoint
+
+    def save_then_die(self):
+        original_save(self)
+        raise _Killed  # killed right after the step-2 checkpoint
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        train_lora(interrupted)
+    monkeypatch.setattr(Trainer, "save_checkpoint", original_save)
+    assert [p.name for p in list_checkpoints(Path(interrupted.output_dir))] == ["checkpoint-2"]
+
+    resumed = train_lora(dataclasses.replace(interrupted, resume_from_checkpoint="latest"))
+    assert resumed.global_step == 4
+    assert resumed.loss_history == full.loss_history  # bit for bit, batches 3-4 included
+    for key, value in _lora_weights(full).items():
+        assert torch.equal(_lora_weights(resumed)[key], value), key
+    # the checkpoint holds only LoRA weights, and the same keys as a fresh run (no re-added adapters)
+    trained = load_file(Path(interrupted.output_dir) / "checkpoint-4" / "trained.safetensors")
+    assert trained.keys() == load_file(Path(full.output_dir) / "checkpoint-4" / "trained.safetensors").keys()
+    assert all("lora_" in k for k in trained)
+
+
+def test_resume_keeps_the_learning_rate_schedule(lora_config, tmp_path, monkeypatch):
+    config = dataclasses.replace(lora_config, max_train_steps=4, checkpointing_steps=2, lr_scheduler="linear",
+                                 output_dir=str(tmp_path / "o"))
+    train_lora(dataclasses.replace(config, max_train_steps=2))
+    state = json.loads((tmp_path / "o" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["lr_scheduler"]["last_epoch"] == 2
+    trainer = Trainer(dataclasses.replace(config, resume_from_checkpoint="latest"), __import__("sdtune").LoRAMethod(config))
+    trainer.setup()
+    try:
+        assert trainer.state.global_step == 2
+        # the saved 2-step schedule ended at lr 0; the 4-step one is half way down
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(config.learning_rate * 0.5)
+        assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(config.learning_rate * 0.5)
+    finally:
+        trainer.cleanup()
+
+
+def test_half_written_checkpoints_are_ignored(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (tmp_path / ".checkpoint-4.tmp").mkdir()  # killed mid-save
+    (tmp_path / "checkpoint-6").mkdir()  # no state file: incomplete
+    assert resolve_checkpoint("latest", tmp_path) == tmp_path / "checkpoint-2"
+    with pytest.raises(SdtuneError, match="checkpoint-6: not a complete sdtune checkpoint"):
+        resolve_checkpoint(str(tmp_path / "checkpoint-6"), tmp_path)
+
+
+def test_checkpoints_total_limit_keeps_the_newest(lora_config):
+    config = dataclasses.replace(lora_config, max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=2)
+    train_lora(config)
+    assert [p.name for p in list_checkpoints(Path(config.output_dir))] == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_cached_and_uncached_training_agree(lora_config, tmp_path):
+    cached = train_lora(dataclasses.replace(lora_config, output_dir=str(tmp_path / "c"), random_flip=True))
+    uncached = train_lora(dataclasses.replace(lora_config, output_dir=str(tmp_path / "u"), random_flip=True,
+                                              cache_latents=False, cache_text_embeddings=False))
+    torch.testing.assert_close(torch.tensor(cached.loss_history), torch.tensor(uncached.loss_history), rtol=1e-4, atol=1e-6)
+
+
+def test_disk_cache_is_used_on_the_second_run(lora_config, tmp_path):
+    config = dataclasses.replace(lora_config, cache_dir=str(tmp_path / "cache"))
+    first = train_lora(dataclasses.replace(config, output_dir=str(tmp_path / "1")))
+    entries = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(entries) == 8
+    second = train_lora(dataclasses.replace(config, output_dir=str(tmp_path / "2")))
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == entries
+    assert first.loss_history == second.loss_history
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(lora_config, monkeypatch):
+    config = dataclasses.replace(lora_config, max_train_steps=6, checkpointing_steps=2)
+    real_loss = sdtune.loop.diffusion.diffusion_loss
+    calls = {"n": 0}
+
+    def loss_that_explodes(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(sdtune.loop.diffusion, "diffusion_loss", loss_that_explodes)
+    with pytest.raises(TrainingDiverged, match=r"the loss became nan at step 3; .*resume from .*checkpoint-2"):
+        train_lora(config)
+    assert [p.name for p in list_checkpoints(Path(config.output_dir))] == ["checkpoint-2"]
+    weights = load_file(Path(config.output_dir) / "checkpoint-2" / "trained.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_gradient_accumulation_and_clipping_run(lora_config):
+    result = train_lora(dataclasses.replace(lora_config, gradient_accumulation_steps=2, max_grad_norm=0.01, train_batch_size=1))
+    assert result.global_step == 4 and len(result.loss_history) == 4
+
+
+def test_bf16_keeps_trained_weights_in_fp32(lora_config):
+    config = dataclasses.replace(lora_config, mixed_precision="bf16", max_train_steps=2)
+    trainer = Trainer(config, sdtune.LoRAMethod(config))
+    trainer.setup()
+    try:
+        result = trainer.train()
+        unet = trainer.components.unet
+        assert all(p.dtype == torch.float32 for p in unet.parameters() if p.requires_grad)
+        assert all(p.dtype == torch.bfloat16 for n, p in unet.named_parameters() if not p.requires_grad)
+        assert all(torch.isfinite(torch.tensor(result.loss_history)))
+    finally:
+        trainer.cleanup()
+
+
+def test_adamw8bit_without_cuda_explains_itself(lora_config):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="--optimizer adamw8bit needs a CUDA GPU"):
+        train_lora(dataclasses.replace(lora_config, optimizer="adamw8bit"))
+
+
+def test_training_the_text_encoder_turns_off_caption_caching(lora_config):
+    config = dataclasses.replace(lora_config, train_text_encoder=True, max_train_steps=1)
+    trainer = Trainer(config, sdtune.LoRAMethod(config))
+    trainer.setup()
+    try:
+        assert trainer.text_cache is None
+    finally:
+        trainer.cleanup()
+
+
+def test_validation_images_and_config_are_written(lora_config):
+    config = dataclasses.replace(lora_config, validation_prompt="a sks shape", validation_steps=2, num_validation_images=2,
+                                 validation_inference_steps=2, report_to="tensorboard")
+    result = train_lora(config)
+    out = Path(config.output_dir)
+    assert sorted(p.name for p in (out / "validation").iterdir()) == [
+        "step000002-00.png", "step000002-01.png", "step000004-00.png", "step000004-01.png"]
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    saved = (out / "sdtune_config.yaml").read_text()
+    assert "rank: 4" in saved and result.outputs["config"] == out / "sdtune_config.yaml"
+
+
+def test_python_api_result(lora_config):
+    result = train_lora(lora_config)
+    assert result.global_step == 4 and result.final_loss == result.loss_history[-1]
+    assert result.outputs["diffusers"].name == "pytorch_lora_weights.safetensors" and result.outputs["kohya"].is_file()
+    assert not list(Path(lora_config.output_dir).rglob("*.bin")) and not list(Path(lora_config.output_dir).rglob("*.pkl"))
