@@ -3,35 +3,35 @@
     from sdtune import LoRAConfig, train_lora
     result = train_lora(LoRAConfig(pretrained_model_name_or_path="...", instance_data_dir="dog/",
                                    instance_prompt="a photo of sks dog", output_dir="out"))
+
+Names are imported on first use, so `sdtune --help` does not pay for importing torch and diffusers.
 """
 
-from sdtune.config import LoRAConfig, TrainConfig
-from sdtune.errors import SdtuneError
-from sdtune.loop import TrainResult, train
-from sdtune.methods.lora import LoRAMethod
-from sdtune.models import Components, load_components
+import importlib
 
 __version__ = "0.1.0"
 
+_EXPORTS = {
+    "Components": "sdtune.models",
+    "LoRAConfig": "sdtune.config",
+    "LoRAMethod": "sdtune.methods.lora",
+    "SdtuneError": "sdtune.errors",
+    "TrainConfig": "sdtune.config",
+    "TrainResult": "sdtune.loop",
+    "load_components": "sdtune.models",
+    "train": "sdtune.loop",
+    "train_lora": "sdtune.api",
+}
+__all__ = sorted(_EXPORTS)
 
-def train_lora(config: LoRAConfig) -> TrainResult:
-    """Train a LoRA as configured; works in a notebook (one process) and under ``accelerate launch``.
 
-    Returns:
-        TrainResult with the exported files (``diffusers``: pytorch_lora_weights.safetensors,
-        ``kohya``: kohya_lora.safetensors), the step count and the per-step loss history.
-    """
-    return train(config, LoRAMethod(config))
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sdtune' has no attribute {name!r}")
 
 
-__all__ = [
-    "Components",
-    "LoRAConfig",
-    "LoRAMethod",
-    "SdtuneError",
-    "TrainConfig",
-    "TrainResult",
-    "load_components",
-    "train",
-    "train_lora",
-]
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -18,7 +18,7 @@ logger = logging.getLogger("sdtune")
 
 
 def _run_lora(config: LoRAConfig):
-    from sdtune import train_lora
+    from sdtune.api import train_lora  # deferred: torch/diffusers take seconds to import, --help should not
 
     return train_lora(config)
 
@@ -127,14 +127,7 @@ def _setup_logging() -> None:
     # Under accelerate/torchrun every process would print the same lines: only rank 0 logs info.
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("transformers", "diffusers"):  # their import-time notices (e.g. about torchvision) are not ours
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        import diffusers
-
-        diffusers.utils.logging.set_verbosity_error()
-    except ImportError:
-        pass
+    # transformers/diffusers print import-time notices (e.g. that torchvision is absent) that are
+    # not the user's concern; set before they are imported. An explicit user setting wins.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

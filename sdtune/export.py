@@ -21,11 +21,15 @@ def peft_to_kohya(state_dict: dict[str, torch.Tensor], prefix: str, alpha: float
 
     kohya names a module by its dotted path with dots turned to underscores after a prefix
     (``lora_unet_down_blocks_0_attentions_0_proj_in``), with ``.lora_down.weight``,
-    ``.lora_up.weight`` and the scalar ``.alpha`` (scale = alpha / rank, as in peft). DoRA's
-    magnitude vector becomes ``.dora_scale``, shaped [out, 1, ...] as LyCORIS/ComfyUI read it.
+    ``.lora_up.weight`` and the scalar ``.alpha`` (scale = alpha / rank, as in peft).
+
+    DoRA: peft's magnitude is a per-output-row norm, which LyCORIS calls ``wd_on_out`` and
+    stores as ``.dora_scale`` shaped [out, 1] (linear) or [out, 1, 1, 1] (conv). ComfyUI and
+    Forge read that layout; AUTOMATIC1111 reads only the per-input-column variant.
     """
     renames = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight"}
     out: dict[str, torch.Tensor] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         for suffix in (*renames, ".lora_magnitude_vector", ".lora_magnitude_vector.weight"):
             if key.endswith(suffix):
@@ -38,7 +42,10 @@ def peft_to_kohya(state_dict: dict[str, torch.Tensor], prefix: str, alpha: float
             out[name + renames[suffix]] = tensor.contiguous()
             out[name + ".alpha"] = torch.tensor(float(alpha))
         else:
-            out[name + ".dora_scale"] = tensor.reshape(tensor.shape[0], 1).contiguous()
+            magnitudes[name] = tensor
+    for name, magnitude in magnitudes.items():
+        weight_ndim = out[name + ".lora_down.weight"].ndim  # 2 for linear, 4 for conv
+        out[name + ".dora_scale"] = magnitude.reshape(magnitude.shape[0], *([1] * (weight_ndim - 1))).contiguous()
     return out
 
 

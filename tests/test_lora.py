@@ -121,6 +121,7 @@ def test_kohya_keys_and_alpha(trained):
     if config.lora_targets == "all":
         assert "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight" in keys
     assert metadata["ss_network_dim"] == "4" and float(metadata["ss_network_alpha"]) == 8.0
+    assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_v2"] == "False"
     assert len(downs) * 3 == len(keys)  # down, up, alpha per module
 
 
@@ -137,7 +138,10 @@ def test_dora_trains_and_exports_magnitude(lora_config):
     config = dataclasses.replace(lora_config, use_dora=True, max_train_steps=2)
     trainer, result = _train(config)
     with safe_open(result.outputs["kohya"], "pt") as f:
-        assert any(k.endswith(".dora_scale") for k in f.keys())
+        scales = {k: f.get_tensor(k) for k in f.keys() if k.endswith(".dora_scale")}
+        ups = {k: f.get_tensor(k.replace(".dora_scale", ".lora_up.weight")) for k in scales}
+    assert scales  # per-output-row magnitudes as LyCORIS/ComfyUI read them: [out, 1]
+    assert all(s.shape == (ups[k].shape[0], 1) for k, s in scales.items())
     pipe = StableDiffusionPipeline.from_pretrained(config.pretrained_model_name_or_path, safety_checker=None)
     pipe.load_lora_weights(result.output_dir)  # the diffusers file carries DoRA's magnitudes
     x, t, ehs, _ = _fixed_inputs(pipe.tokenizer)

@@ -113,9 +113,20 @@ class LoRAMethod:
         kohya_path = save_kohya_lora(
             output_dir / KOHYA_LORA_FILE, unet_sd, te_sd,
             alpha=self.lora_alpha, rank=self.config.rank,
-            metadata={"ss_base_model_version": "sd_v1", "ss_sd_model_name": str(self.config.pretrained_model_name_or_path)},
+            metadata=kohya_metadata(components, self.config),
         )
         return {"diffusers": output_dir / DIFFUSERS_LORA_FILE, "kohya": kohya_path}
+
+
+def kohya_metadata(components: Components, config: LoRAConfig) -> dict[str, str]:
+    """The ``ss_*`` notes A1111 uses: SD 1 vs 2 (``ss_v2``, ``ss_base_model_version``) and names it shows."""
+    v2 = components.text_encoder.config.hidden_size >= 1024  # SD 2.x conditions on OpenCLIP ViT-H (1024 wide)
+    v_prediction = components.prediction_type == "v_prediction"
+    version = ("sd_v2" if v2 else "sd_v1") + ("_768_v" if v2 and v_prediction else "_v" if v_prediction else "")
+    return {
+        "ss_base_model_version": version, "ss_v2": str(v2), "ss_sd_model_name": str(config.pretrained_model_name_or_path),
+        "ss_output_name": Path(config.output_dir).name, "ss_network_module": "networks.lora",
+    }
 
 
 def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -20,7 +20,7 @@ PROMPT = "a sks shape"
 
 
 def run_demo(output_dir: str | Path = "sdtune-demo", *, max_train_steps: int = 200, seed: int = 0):
-    from sdtune import train_lora
+    from sdtune.api import train_lora
 
     output_dir = Path(output_dir)
     base = output_dir / "base-model"

@@ -1,0 +1,17 @@
+"""The Python API: one function per trainer, the same code path as the CLI."""
+
+from __future__ import annotations
+
+from sdtune.config import LoRAConfig
+from sdtune.loop import TrainResult, train
+from sdtune.methods.lora import LoRAMethod
+
+
+def train_lora(config: LoRAConfig) -> TrainResult:
+    """Train a LoRA as configured; works in a notebook (one process) and under ``accelerate launch``.
+
+    Returns:
+        TrainResult with the exported files (``diffusers``: pytorch_lora_weights.safetensors,
+        ``kohya``: kohya_lora.safetensors), the step count and the per-step loss history.
+    """
+    return train(config, LoRAMethod(config))
