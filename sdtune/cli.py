@@ -109,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         result = TRAINERS[command][1](config)
         if result.outputs:
-            print(f"done: {result.global_step} steps, final loss {result.final_loss:.4f}")
+            speed = f", {result.steps_per_second:.2f} steps/s (steady state)" if result.steps_per_second else ""
+            print(f"done: {result.global_step} steps, final loss {result.final_loss:.4f}{speed}")
             for kind, path in result.outputs.items():
                 print(f"  {kind}: {path}")
         return 0

@@ -30,6 +30,9 @@ def build_tiny_model(
     seed: int = 0,
     sample_size: int = 8,
     hidden_size: int = 32,
+    unet_channels: tuple[int, ...] = (32, 64),
+    vae_channels: tuple[int, ...] = (8, 16, 16, 16),
+    text_layers: int = 2,
 ) -> Path:
     """Save a tiny SD pipeline folder to ``output_dir`` and return its path.
 
@@ -39,15 +42,19 @@ def build_tiny_model(
         seed: Seed of the random initialisation.
         sample_size: Latent side the UNet is configured for (images are 8x larger).
         hidden_size: Text-encoder width, also the UNet's cross-attention width.
+        unet_channels: UNet block widths, one per resolution level.
+        vae_channels: VAE block widths (four blocks: 8x downsampling).
+        text_layers: Text-encoder transformer layers.
     """
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
+        # SD's shape: cross-attention in every block but the deepest
+        down_block_types=("CrossAttnDownBlock2D",) * (len(unet_channels) - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(unet_channels) - 1),
+        block_out_channels=unet_channels,
         layers_per_block=1,
         cross_attention_dim=hidden_size,
         attention_head_dim=8,
@@ -58,7 +65,7 @@ def build_tiny_model(
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
+        block_out_channels=vae_channels,
         latent_channels=4,
         norm_num_groups=8,
         sample_size=sample_size * 8,
@@ -68,9 +75,9 @@ def build_tiny_model(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
             hidden_size=hidden_size,
-            intermediate_size=64,
+            intermediate_size=hidden_size * 2,
             num_attention_heads=4,
-            num_hidden_layers=2,
+            num_hidden_layers=text_layers,
             max_position_embeddings=77,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
