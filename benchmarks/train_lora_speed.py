@@ -45,7 +45,7 @@ def run_once(model: Path, data: Path, out: Path, steps: int, batch_size: int, ex
            "--train_batch_size", str(batch_size), "--max_train_steps", str(steps), "--checkpointing_steps", "0",
            "--report_to", "none", "--random_flip", "--seed", "0", *extra]
     start = time.perf_counter()
-    # a fresh process per run: ru_maxrss of RUSAGE_CHILDREN is the largest child so far, so measure with `time -v`-like wait4
+    # wait4 gives this one child's peak RSS (RUSAGE_CHILDREN would report the largest child so far)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start

@@ -7,6 +7,7 @@ The loop never asks which method it runs.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import time
@@ -66,6 +67,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, method: Method):
         if not config.pretrained_model_name_or_path:
             raise ConfigError("--pretrained_model_name_or_path is required (a Hub id, a diffusers folder or a .safetensors file)")
+        if config.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("--report_to wandb needs wandb: pip install 'sdtune[wandb]' (or use --report_to tensorboard)")
         self.config = config
         self.method = method
         self.output_dir = Path(config.output_dir)
