@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Components": "sdtune.models",
+    "DreamBoothConfig": "sdtune.config",
+    "DreamBoothMethod": "sdtune.methods.dreambooth",
     "LoRAConfig": "sdtune.config",
     "LoRAMethod": "sdtune.methods.lora",
     "SdtuneError": "sdtune.errors",
@@ -20,6 +22,7 @@ _EXPORTS = {
     "TrainResult": "sdtune.loop",
     "load_components": "sdtune.models",
     "train": "sdtune.loop",
+    "train_dreambooth": "sdtune.api",
     "train_lora": "sdtune.api",
 }
 __all__ = sorted(_EXPORTS)

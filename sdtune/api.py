@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from sdtune.config import LoRAConfig
+from sdtune.config import DreamBoothConfig, LoRAConfig
 from sdtune.loop import TrainResult, train
+from sdtune.methods.dreambooth import DreamBoothMethod
 from sdtune.methods.lora import LoRAMethod
 
 
@@ -15,3 +16,10 @@ def train_lora(config: LoRAConfig) -> TrainResult:
         ``kohya``: kohya_lora.safetensors), the step count and the per-step loss history.
     """
     return train(config, LoRAMethod(config))
+
+
+def train_dreambooth(config: DreamBoothConfig) -> TrainResult:
+    """DreamBooth: a full fine-tune (exported as a pipeline folder), or with ``use_lora`` DreamBooth-LoRA
+    (exported like ``train_lora``). Prior preservation comes from ``with_prior_preservation``."""
+    method = LoRAMethod(config) if config.use_lora else DreamBoothMethod(config)
+    return train(config, method)

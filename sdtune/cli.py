@@ -11,21 +11,26 @@ from typing import Callable, Sequence
 
 import yaml
 
-from sdtune.config import LoRAConfig, TrainConfig, build_config, did_you_mean, field_base_type, load_recipe, parse_value
+from sdtune.config import DreamBoothConfig, LoRAConfig, TrainConfig, build_config, did_you_mean, field_base_type, load_recipe, parse_value
 from sdtune.errors import ConfigError, SdtuneError
 
 logger = logging.getLogger("sdtune")
 
 
-def _run_lora(config: LoRAConfig):
-    from sdtune.api import train_lora  # deferred: torch/diffusers take seconds to import, --help should not
+def _runner(name: str) -> Callable:
+    def run(config):
+        from sdtune import api  # deferred: torch/diffusers take seconds to import, --help should not
 
-    return train_lora(config)
+        return getattr(api, name)(config)
+
+    return run
 
 
 # subcommand → (config class, runner, one-line description)
 TRAINERS: dict[str, tuple[type[TrainConfig], Callable, str]] = {
-    "train-lora": (LoRAConfig, _run_lora, "Train a LoRA (diffusers + kohya exports)."),
+    "train-lora": (LoRAConfig, _runner("train_lora"), "Train a LoRA (diffusers + kohya exports)."),
+    "train-dreambooth": (DreamBoothConfig, _runner("train_dreambooth"),
+                         "DreamBooth: full fine-tune (pipeline folder, single file) or --use_lora; prior preservation."),
 }
 
 

@@ -72,6 +72,15 @@ class TrainConfig:
     vae_batch_size: int = option(4, "Images per VAE call while caching.")
     dataloader_num_workers: int = option(0, "Data loader worker processes.")
 
+    # --- prior preservation (DreamBooth): class images are data with their own loss weight ----
+    with_prior_preservation: bool = option(False, "Train on class images too, to keep the model's prior of the class.")
+    class_data_dir: str | None = option(None, "Folder of class images; missing ones are generated with the base model.")
+    class_prompt: str | None = option(None, "Prompt of the class images (e.g. 'a photo of dog').")
+    num_class_images: int = option(100, "Class images wanted; generated if the folder holds fewer.")
+    prior_loss_weight: float = option(1.0, "Weight of the class images' loss.")
+    sample_batch_size: int = option(4, "Batch size when generating class images.")
+    class_generation_steps: int = option(25, "Denoising steps per generated class image.")
+
     # --- optimisation ----------------------------------------------------------------------
     output_dir: str = option("sdtune-output", "Where checkpoints, exports, logs and the resolved config go.")
     seed: int = option(0, "Seed for model init, data order, noise and timesteps.")
@@ -94,6 +103,7 @@ class TrainConfig:
     adam_weight_decay: float = option(1e-2, "Weight decay.")
     adam_epsilon: float = option(1e-8, "Adam epsilon.")
     max_grad_norm: float = option(1.0, "Clip gradients to this norm (0 turns clipping off).")
+    set_grads_to_none: bool = option(True, "Free gradients after each step instead of zeroing them (saves memory).")
     mixed_precision: Literal["no", "fp16", "bf16"] | None = option(
         None, "no / fp16 / bf16 (default: what `accelerate config` set). Trained weights stay fp32."
     )
@@ -150,6 +160,23 @@ class LoRAConfig(TrainConfig):
     @property
     def text_encoder_trained(self) -> bool:
         return self.train_text_encoder
+
+
+@dataclass(frozen=True)
+class DreamBoothConfig(LoRAConfig):
+    """DreamBooth: a full fine-tune of the UNet (and optionally the text encoder), or with --use_lora
+    the LoRA method's adapters. The LoRA options apply only with --use_lora."""
+
+    learning_rate: float = option(5e-6, "Learning rate (full fine-tunes want ~5e-6; LoRA ~1e-4).")
+    use_lora: bool = option(False, "Train LoRA adapters instead of all UNet weights (DreamBooth-LoRA).")
+    stop_text_encoder_training: int | None = option(
+        None, "With --train_text_encoder, freeze the text encoder after this many steps.")
+    use_ema: bool = option(False, "Keep an exponential moving average of the UNet; it is what gets exported.")
+    ema_decay: float = option(0.9999, "EMA decay.")
+    save_single_file: bool = option(False, "Also export one .safetensors checkpoint in the original SD layout (A1111/ComfyUI).")
+    save_precision: Literal["fp32", "fp16", "bf16"] = option("fp16", "Precision of the exported weights.")
+
+    method: typing.ClassVar[str] = "dreambooth"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,6 +281,7 @@ def _check_type(f: dataclasses.Field, value: Any) -> None:
 
 def _check_range(config: TrainConfig) -> None:
     positive = ["resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "vae_batch_size",
+                "num_class_images", "sample_batch_size", "class_generation_steps",
                 "num_validation_images", "validation_steps", "bucket_reso_steps", "validation_inference_steps"]
     for name in positive:
         if getattr(config, name) <= 0:
@@ -268,8 +296,15 @@ def _check_range(config: TrainConfig) -> None:
         raise ValueError(f"snr_gamma must be positive, got {config.snr_gamma}")
     if config.min_bucket_reso > config.max_bucket_reso:
         raise ValueError(f"min_bucket_reso ({config.min_bucket_reso}) is larger than max_bucket_reso ({config.max_bucket_reso})")
+    if config.with_prior_preservation and config.enable_bucket:
+        raise ValueError("with_prior_preservation and enable_bucket cannot be combined yet; train at one --resolution")
     if config.checkpoints_total_limit is not None and config.checkpoints_total_limit < 1:
         raise ValueError("checkpoints_total_limit must be at least 1")
+    if isinstance(config, DreamBoothConfig):
+        if not 0.0 < config.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be between 0 and 1, got {config.ema_decay}")
+        if config.use_ema and config.use_lora:
+            raise ValueError("use_ema applies to full fine-tunes; drop it with use_lora")
     if isinstance(config, LoRAConfig):
         if config.rank <= 0:
             raise ValueError(f"rank must be positive, got {config.rank}")

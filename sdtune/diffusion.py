@@ -74,16 +74,20 @@ def diffusion_loss(
     model_pred: torch.Tensor,
     target: torch.Tensor,
     sample_weights: torch.Tensor | None = None,
+    num_primary: int | None = None,
 ) -> torch.Tensor:
-    """Mean over the batch of each sample's weighted MSE.
+    """Weighted MSE: the sum of each sample's weighted loss over the number of primary samples.
 
     ``sample_weights`` [B] multiplies each sample's loss: min-SNR weights times the sample's own
-    loss weight (e.g. the prior-preservation weight of a class image), so no batch is ever split.
+    loss weight (the prior-preservation weight of a class image), so a batch is never split.
+    ``num_primary`` defaults to B (a plain mean). A DreamBooth batch holds n instance images and
+    n class images; with ``num_primary=n`` the result is the diffusers formula
+    ``mean(instance) + prior_loss_weight * mean(class)``.
     """
     per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, model_pred.ndim)))
     if sample_weights is not None:
         per_sample = per_sample * sample_weights.to(per_sample.device)
-    return per_sample.mean()
+    return per_sample.sum() / (num_primary if num_primary is not None else per_sample.shape[0])
 
 
 def _alpha_sigma(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor):

@@ -86,3 +86,7 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path
+
+
+def save_precision_dtype(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]

@@ -24,6 +24,7 @@ from sdtune import checkpoint as ckpt
 from sdtune import diffusion
 from sdtune.config import TrainConfig
 from sdtune.data.cache import LatentCache, TextEmbeddingCache
+from sdtune.data.class_images import class_records, ensure_class_images
 from sdtune.data.dataset import BucketBatchSampler, TrainDataset, collate, prepare_samples
 from sdtune.data.sources import find_records
 from sdtune.errors import ConfigError, TrainingDiverged
@@ -67,6 +68,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, method: Method):
         if not config.pretrained_model_name_or_path:
             raise ConfigError("--pretrained_model_name_or_path is required (a Hub id, a diffusers folder or a .safetensors file)")
+        if config.with_prior_preservation and not (config.class_data_dir and config.class_prompt):
+            raise ConfigError("--with_prior_preservation needs --class_data_dir FOLDER and --class_prompt 'a photo of dog'")
         if config.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
             raise ConfigError("--report_to wandb needs wandb: pip install 'sdtune[wandb]' (or use --report_to tensorboard)")
         self.config = config
@@ -111,6 +114,13 @@ class Trainer:
         device = self.accelerator.device
         for module in (self.components.unet, self.components.vae, self.components.text_encoder):
             module.to(device)
+        if config.with_prior_preservation:  # from the base model, before the method changes anything
+            ensure_class_images(
+                self.components, self.accelerator, class_data_dir=config.class_data_dir, class_prompt=config.class_prompt,
+                num_class_images=config.num_class_images, resolution=config.resolution,
+                sample_batch_size=config.sample_batch_size, num_inference_steps=config.class_generation_steps,
+                seed=config.seed,
+            )
         self.param_groups = self.method.prepare(self.components)
         if config.gradient_checkpointing:
             self.components.unet.enable_gradient_checkpointing()
@@ -119,12 +129,20 @@ class Trainer:
 
     def _setup_data(self, records) -> None:
         config, accelerator, components = self.config, self.accelerator, self.components
-        samples = prepare_samples(
-            records, resolution=config.resolution, instance_prompt=config.instance_prompt, center_crop=config.center_crop,
-            enable_bucket=config.enable_bucket, min_bucket_reso=config.min_bucket_reso, max_bucket_reso=config.max_bucket_reso,
+        placement = dict(
+            resolution=config.resolution, center_crop=config.center_crop, enable_bucket=config.enable_bucket,
+            min_bucket_reso=config.min_bucket_reso, max_bucket_reso=config.max_bucket_reso,
             bucket_reso_steps=config.bucket_reso_steps, bucket_no_upscale=config.bucket_no_upscale, seed=config.seed,
-            source=config.instance_data_dir or config.dataset_name,
         )
+        samples = prepare_samples(records, instance_prompt=config.instance_prompt,
+                                  source=config.instance_data_dir or config.dataset_name, **placement)
+        companions = []
+        if config.with_prior_preservation:  # class images: data with their own loss weight
+            class_samples = prepare_samples(
+                class_records(config.class_data_dir, config.class_prompt, config.num_class_images, config.prior_loss_weight),
+                source=config.class_data_dir, **placement)
+            companions = list(range(len(samples), len(samples) + len(class_samples)))
+            samples = samples + class_samples
         latents = None
         if config.cache_latents:
             latents = LatentCache(fingerprint=components.fingerprint, dtype=components.vae.dtype,
@@ -141,7 +159,7 @@ class Trainer:
         )
         self.sampler = BucketBatchSampler(
             [s.bucket for s in samples], config.train_batch_size, num_processes=accelerator.num_processes,
-            process_index=accelerator.process_index, seed=config.seed,
+            process_index=accelerator.process_index, seed=config.seed, companions=companions,
         )
         # Not passed to accelerator.prepare: the sampler already gives each process its slice of
         # every global batch, which makes N processes equal one and resume exact.
@@ -149,7 +167,7 @@ class Trainer:
             dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=config.dataloader_num_workers,
             pin_memory=accelerator.device.type == "cuda",
         )
-        self.num_samples = len(samples)
+        self.num_samples = len(samples) - len(companions)
 
     def _setup_optimizer(self) -> None:
         config, accelerator = self.config, self.accelerator
@@ -199,7 +217,7 @@ class Trainer:
                     if accelerator.sync_gradients and config.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(self.trained_params, config.max_grad_norm)
                     self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self.optimizer.zero_grad(set_to_none=config.set_grads_to_none)
                 step_loss += loss.detach() / accum
             self.lr_scheduler.step()
             self.method.after_step(self.components)
@@ -227,33 +245,49 @@ class Trainer:
         """Loss of one batch. Every random draw comes from (seed, micro_step), drawn for the global batch."""
         config, components, accelerator = self.config, self.components, self.accelerator
         device = accelerator.device
-        local = len(batch["caption"])
-        lo, global_batch = accelerator.process_index * local, local * accelerator.num_processes
+        rows, global_batch = self._global_rows(len(batch["caption"]))
         generator = torch.Generator().manual_seed(_step_seed(config.seed, micro_step))
         torch.manual_seed(_step_seed(config.seed, micro_step) + accelerator.process_index)  # LoRA dropout
 
         mean, std = self._posterior(batch)  # [B, 4, H/8, W/8]
         shape = (global_batch, *mean.shape[1:])
-        eps = torch.randn(shape, generator=generator)[lo : lo + local].to(device)
-        noise = diffusion.sample_noise(shape, generator, config.noise_offset)[lo : lo + local].to(device)
-        timesteps = diffusion.sample_timesteps(global_batch, components.noise_scheduler.config.num_train_timesteps,
-                                               generator)[lo : lo + local].to(device)
+        eps = torch.randn(shape, generator=generator)[rows].to(device)
+        noise = diffusion.sample_noise(shape, generator, config.noise_offset)[rows].to(device)
+        num_timesteps = components.noise_scheduler.config.num_train_timesteps
+        timesteps = diffusion.sample_timesteps(global_batch, num_timesteps, generator)[rows].to(device)
         latents = (mean.float() + std.float() * eps) * components.vae.config.scaling_factor
         alphas_cumprod = components.alphas_cumprod
         noisy_latents = diffusion.add_noise(latents, noise, timesteps, alphas_cumprod)
 
-        if self.text_cache is not None:
-            encoder_hidden_states = self.text_cache(batch["caption"])
-        else:
-            encoder_hidden_states = encode_text(self.text_encoder, tokenize(components.tokenizer, batch["caption"]).to(device))
         model_pred = self.unet(noisy_latents.to(self.weight_dtype), timesteps,
-                               encoder_hidden_states.to(self.weight_dtype)).sample
+                               self._encoder_hidden_states(batch["caption"], micro_step).to(self.weight_dtype)).sample
         target = diffusion.training_target(latents, noise, timesteps, alphas_cumprod, components.prediction_type)
-        weights = batch["loss_weight"].to(device)
+        weights = batch["loss_weight"].to(device)  # 1 for instance images, prior_loss_weight for class images
         if config.snr_gamma is not None:
             weights = weights * diffusion.min_snr_weights(timesteps, alphas_cumprod, config.snr_gamma,
                                                           components.prediction_type)
-        return diffusion.diffusion_loss(model_pred, target, weights)
+        return diffusion.diffusion_loss(model_pred, target, weights, num_primary=config.train_batch_size)
+
+    def _global_rows(self, local_size: int) -> tuple[list[int], int]:
+        """Which rows of the global batch this process holds, and the global batch size.
+
+        A local batch is B primary samples, then B companions (class images) if any; globally all
+        processes' primaries come first, so N processes draw the same noise per sample as one.
+        """
+        per_part, processes, rank = self.config.train_batch_size, self.accelerator.num_processes, self.accelerator.process_index
+        parts = local_size // per_part
+        rows = [part * per_part * processes + rank * per_part + i for part in range(parts) for i in range(per_part)]
+        return rows, parts * per_part * processes
+
+    def _encoder_hidden_states(self, captions: list[str], micro_step: int) -> torch.Tensor:
+        if self.text_cache is not None:
+            return self.text_cache(captions)
+        ids = tokenize(self.components.tokenizer, captions).to(self.accelerator.device)
+        step = micro_step // self.config.gradient_accumulation_steps
+        if self.method.text_encoder_trains_at(step):
+            return encode_text(self.text_encoder, ids)
+        with torch.no_grad():  # frozen (or no longer trained): the bare module, outside DDP
+            return encode_text(self.components.text_encoder, ids)
 
     def _posterior(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.accelerator.device

@@ -8,8 +8,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdtune.errors import ModelLoadError
@@ -27,7 +28,8 @@ class Components:
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
-    noise_scheduler: DDPMScheduler
+    noise_scheduler: DDPMScheduler  # training: DDPM with the base model's schedule
+    inference_scheduler: SchedulerMixin  # the base model's own sampler (PNDM for SD 1.5), kept for exports
     prediction_type: str
     fingerprint: str
 
@@ -35,13 +37,15 @@ class Components:
     def alphas_cumprod(self) -> torch.Tensor:
         return self.noise_scheduler.alphas_cumprod
 
-    def pipeline(self, **kwargs) -> StableDiffusionPipeline:
-        """A pipeline over these very modules (trained adapters included), for sampling and export."""
-        return StableDiffusionPipeline(
+    def pipeline(self, scheduler: SchedulerMixin | None = None) -> StableDiffusionPipeline:
+        """A pipeline over these very modules (trained weights included), for sampling and export."""
+        pipe = StableDiffusionPipeline(
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-            scheduler=self.noise_scheduler, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False, **kwargs,
+            scheduler=scheduler or self.inference_scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
         )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
 
 def load_components(
@@ -84,6 +88,7 @@ def load_components(
         tokenizer.model_max_length = text_encoder.config.max_position_embeddings
     if prediction_type is not None:
         scheduler.register_to_config(prediction_type=prediction_type)
+    noise_scheduler = DDPMScheduler.from_config(scheduler.config)
     # The VAE overflows in fp16 on SD 2.x/XL; it only runs for caching and validation, so keep it fp32.
     vae_dtype = torch.float32 if weight_dtype == torch.float16 else weight_dtype
     for module, dtype in ((unet, weight_dtype), (vae, vae_dtype), (text_encoder, weight_dtype)):
@@ -92,8 +97,8 @@ def load_components(
         if module.dtype != dtype:
             module.to(dtype=dtype)
     return Components(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=scheduler,
-        prediction_type=scheduler.config.prediction_type, fingerprint=_fingerprint(vae),
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=noise_scheduler,
+        inference_scheduler=scheduler, prediction_type=noise_scheduler.config.prediction_type, fingerprint=_fingerprint(vae),
     )
 
 
@@ -111,8 +116,9 @@ def _load_diffusers_layout(source: str, revision, variant, allow_pickle: bool):
     vae = AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=use_safetensors, **common)
     text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", use_safetensors=use_safetensors, **common)
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
-    scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
-    return unet, vae, text_encoder, tokenizer, scheduler
+    scheduler_config = DDPMScheduler.load_config(source, subfolder="scheduler", revision=revision)
+    scheduler_class = getattr(diffusers, scheduler_config.get("_class_name", ""), DDPMScheduler)
+    return unet, vae, text_encoder, tokenizer, scheduler_class.from_config(scheduler_config)
 
 
 def _load_single_file(path: str, config: str | None, allow_pickle: bool):
@@ -123,8 +129,7 @@ def _load_single_file(path: str, config: str | None, allow_pickle: bool):
         )
     kwargs = {"config": config} if config else {}
     pipe = StableDiffusionPipeline.from_single_file(path, safety_checker=None, **kwargs)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler
+    return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
 
 
 def _require_safetensors_or_opt_in(folder: Path, allow_pickle: bool) -> None:

@@ -13,12 +13,14 @@ RECIPES = sorted((Path(__file__).parents[1] / "recipes").rglob("*.yaml"))
 
 
 def test_there_are_recipes():
-    assert {p.relative_to(p.parents[1]).as_posix() for p in RECIPES} >= {"sd15/lora.yaml", "sd21/lora.yaml"}
+    assert {p.relative_to(p.parents[1]).as_posix() for p in RECIPES} >= {
+        "sd15/lora.yaml", "sd21/lora.yaml", "sd15/dreambooth.yaml", "sd15/dreambooth_lora.yaml", "sd21/dreambooth.yaml"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_recipe_loads(recipe):
-    config, _ = parse_config("train-lora", ["--config", str(recipe)])
+    command = "train-dreambooth" if recipe.stem.startswith("dreambooth") else "train-lora"
+    config, _ = parse_config(command, ["--config", str(recipe)])
     assert config.pretrained_model_name_or_path
 
 

@@ -147,17 +147,23 @@ class BucketBatchSampler:
     shuffles the batch order. Process ``p`` takes slice ``p`` of every global batch. So N
     processes with batch size B see the same global batches as one process with N*B, and a
     resumed run restarts at the exact next batch (``start``), not at the epoch boundary.
+
+    ``companions`` (class images for prior preservation) ride along: each batch of B primary
+    samples gets B companions too, taken in order from a shuffled cycle of the companion pool.
+    Epochs count primary samples only, as in the diffusers DreamBooth scripts.
     """
 
     def __init__(self, buckets: list[tuple[int, int]], batch_size: int, *, num_processes: int = 1,
-                 process_index: int = 0, seed: int = 0):
+                 process_index: int = 0, seed: int = 0, companions: list[int] | None = None):
         self.batch_size = batch_size
         self.num_processes = num_processes
         self.process_index = process_index
         self.seed = seed
+        self.companions = companions or []
+        primary = set(range(len(buckets))) - set(self.companions)
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for index, bucket in enumerate(buckets):
-            groups[bucket].append(index)
+        for index in sorted(primary):
+            groups[buckets[index]].append(index)
         self.groups = [groups[b] for b in sorted(groups)]
         global_batch = batch_size * num_processes
         self.batches_per_epoch = sum(-(-len(g) // global_batch) for g in self.groups)
@@ -178,10 +184,24 @@ class BucketBatchSampler:
         rng.shuffle(batches)
         return batches
 
+    def companion_batch(self, number: int) -> list[int]:
+        """Companions of global batch ``number`` (counted from the start of training)."""
+        size = self.batch_size * self.num_processes
+        picked = []
+        for position in range(number * size, (number + 1) * size):
+            cycle, offset = divmod(position, len(self.companions))
+            order = self.companions[:]
+            random.Random(f"{self.seed}:companions:{cycle}").shuffle(order)
+            picked.append(order[offset])
+        return picked
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, offset = divmod(self.start, self.batches_per_epoch)
+        number = self.start
         lo, hi = self.process_index * self.batch_size, (self.process_index + 1) * self.batch_size
         while True:
             for batch in self.global_batches(epoch)[offset:]:
-                yield [(index, epoch) for index in batch[lo:hi]]
+                local = batch[lo:hi] + (self.companion_batch(number)[lo:hi] if self.companions else [])
+                yield [(index, epoch) for index in local]
+                number += 1
             epoch, offset = epoch + 1, 0

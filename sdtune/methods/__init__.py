@@ -17,6 +17,9 @@ class Method(Protocol):
     def trains_text_encoder(self) -> bool:
         """Whether the text encoder's output changes during training (then captions cannot be cached)."""
 
+    def text_encoder_trains_at(self, step: int) -> bool:
+        """Whether the text encoder is still trained at optimizer step ``step``."""
+
     def prepare(self, components: Components) -> list[dict]:
         """Freeze/unfreeze and inject what is trained; return optimizer parameter groups."""
 

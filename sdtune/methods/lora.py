@@ -47,6 +47,9 @@ class LoRAMethod:
     def trains_text_encoder(self) -> bool:
         return self.config.train_text_encoder
 
+    def text_encoder_trains_at(self, step: int) -> bool:
+        return self.config.train_text_encoder
+
     def _lora_config(self, target_modules: list[str]) -> LoraConfig:
         return LoraConfig(
             r=self.config.rank, lora_alpha=self.lora_alpha, lora_dropout=self.config.lora_dropout,

@@ -1,0 +1,221 @@
+"""Save a diffusers Stable Diffusion 1.x/2.x model as one original-layout checkpoint (AUTOMATIC1111, ComfyUI).
+
+The original (CompVis/LDM) checkpoint is one flat state dict with three prefixes:
+
+``model.diffusion_model.``
+    The UNet. ``input_blocks.0.0`` is ``conv_in``; then, per resolution level, one
+    ``input_blocks.N`` per layer holding ``[resnet, (attention)]`` as ``N.0``/``N.1``, and one
+    holding the downsampler (``N.0.op``) on every level but the last. ``middle_block.0/1/2`` is
+    resnet, attention, resnet. ``output_blocks.N`` counts the up levels' layers the same way, the
+    upsampler sitting after the layer's attention (``N.1.conv`` or ``N.2.conv``). Resnets name
+    their parts ``in_layers.0/2``, ``emb_layers.1``, ``out_layers.0/3``, ``skip_connection``;
+    attention blocks are named as in diffusers. ``time_embed.0/2`` and ``out.0/2`` are the
+    time-embedding MLP and the output norm/conv.
+``first_stage_model.``
+    The VAE: ``encoder.down.N.block.M``, ``encoder.down.N.downsample``, ``mid.block_1``,
+    ``mid.attn_1``, ``mid.block_2``, ``norm_out``; the decoder's ``up.N`` are numbered from the
+    lowest resolution up, i.e. in the reverse of diffusers' ``up_blocks`` order. The mid
+    attention's ``q``/``k``/``v``/``proj_out`` are 1x1 convolutions.
+``cond_stage_model.``
+    SD 1.x: ``transformer.text_model.*``, the transformers CLIP names under a ``text_model``
+    level. SD 2.x: ``model.*``, OpenCLIP's names, with q/k/v fused into ``attn.in_proj_weight``.
+
+UNet and VAE keys are built from the modules the models actually have, so any SD-family
+configuration converts; a parameter with no original name (a peft adapter, an SDXL-only
+embedding) raises instead of being dropped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sdtune.export import atomic_save_file
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+OPENCLIP_PREFIX = "cond_stage_model.model."
+
+UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
+VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                  "self_attn.out_proj": "attn.out_proj"}
+
+
+def to_original_state_dict(unet, vae, text_encoder, text_encoder_layout: str = "auto") -> dict[str, torch.Tensor]:
+    """Rename the weights of a diffusers SD pipeline to the original single-checkpoint layout.
+
+    Args:
+        unet: A ``UNet2DConditionModel`` of the SD 1.x/2.x family.
+        vae: The ``AutoencoderKL``.
+        text_encoder: The transformers ``CLIPTextModel``.
+        text_encoder_layout: ``"clip"`` (SD 1.x, OpenAI CLIP), ``"openclip"`` (SD 2.x) or
+            ``"auto"``: OpenCLIP when the encoder uses ``gelu`` (OpenAI's CLIP uses ``quick_gelu``).
+
+    Returns:
+        Detached tensors (views of the models' weights where no reshaping was needed), by original key.
+
+    Raises:
+        ValueError: a parameter has no original name (e.g. an unmerged peft adapter), or the layout is unknown.
+    """
+    for model in (unet, vae, text_encoder):
+        if getattr(model, "peft_config", None):
+            raise ValueError(f"{type(model).__name__} has peft adapters: merge_and_unload() them before exporting")
+    out = _rename(unet.state_dict(), _unet_names(unet), UNET_PREFIX)
+    vae_weights = _rename(vae.state_dict(), _vae_names(vae), VAE_PREFIX)
+    for key, tensor in vae_weights.items():
+        if ".attn_1." in key and tensor.ndim == 2:  # linear [out, in] -> 1x1 conv [out, in, 1, 1]
+            vae_weights[key] = tensor[:, :, None, None]
+    out.update(vae_weights)
+    if text_encoder_layout == "auto":
+        text_encoder_layout = "openclip" if text_encoder.config.hidden_act == "gelu" else "clip"
+    # transformers 5 dropped CLIPTextModel's `text_model.` level; strip it for either version
+    text_weights = {k.removeprefix("text_model."): v.detach() for k, v in text_encoder.state_dict().items()}
+    if text_encoder_layout == "clip":
+        out.update({CLIP_PREFIX + k: v for k, v in text_weights.items()})
+    elif text_encoder_layout == "openclip":
+        out.update({OPENCLIP_PREFIX + k: v for k, v in _openclip(text_weights).items()})
+    else:
+        raise ValueError(f"text_encoder_layout must be 'auto', 'clip' or 'openclip', not {text_encoder_layout!r}")
+    return out
+
+
+def save_single_file(path: str | Path, unet, vae, text_encoder, dtype: torch.dtype | None = torch.float16,
+                     text_encoder_layout: str = "auto") -> Path:
+    """Write the model as one original-layout ``.safetensors`` checkpoint, atomically.
+
+    Args:
+        path: Destination; must end in ``.safetensors`` (pickle checkpoints are never written).
+        unet: The UNet (trained adapters must be merged first).
+        vae: The VAE.
+        text_encoder: The CLIP text encoder.
+        dtype: Floating-point dtype to store (fp16, as the UIs ship models); ``None`` keeps each tensor's own.
+        text_encoder_layout: See ``to_original_state_dict``.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: a single-file checkpoint is written as .safetensors only")
+    tensors = to_original_state_dict(unet, vae, text_encoder, text_encoder_layout)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    return atomic_save_file({k: v.detach().cpu() for k, v in tensors.items()}, path)
+
+
+def _rename(state_dict: dict[str, torch.Tensor], names: dict[str, str], prefix: str) -> dict[str, torch.Tensor]:
+    """Rename each parameter by its longest module prefix found in ``names``."""
+    out, unmapped = {}, []
+    for key, tensor in state_dict.items():
+        module, _, leaf = key.rpartition(".")
+        tail = [leaf]
+        while module and module not in names:
+            module, _, part = module.rpartition(".")
+            tail.insert(0, part)
+        if module:
+            out[prefix + ".".join([names[module], *tail])] = tensor.detach()
+        else:
+            unmapped.append(key)
+    if unmapped:
+        raise ValueError(f"no original Stable Diffusion name for {len(unmapped)} parameters, e.g. {unmapped[:3]} "
+                         "(merge adapters before exporting; only SD 1.x/2.x architectures are supported)")
+    return out
+
+
+def _add(names: dict[str, str], src: str, dst: str, parts: dict[str, str] | None = None) -> None:
+    """Map module ``src`` to ``dst``, or, with ``parts``, each of its children to a renamed child."""
+    if parts is None:
+        names[src] = dst
+    else:
+        names.update({f"{src}.{a}": f"{dst}.{b}" for a, b in parts.items()})
+
+
+def _unet_names(unet) -> dict[str, str]:
+    """diffusers module name -> LDM module name, for the blocks this UNet has."""
+    names = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+             "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    index = 1  # input_blocks.0 is conv_in
+    for i, block in enumerate(unet.down_blocks):
+        attentions = getattr(block, "attentions", None)
+        for j in range(len(block.resnets)):
+            _add(names, f"down_blocks.{i}.resnets.{j}", f"input_blocks.{index}.0", UNET_RESNET)
+            if attentions:
+                _add(names, f"down_blocks.{i}.attentions.{j}", f"input_blocks.{index}.1")
+            index += 1
+        if block.downsamplers:
+            _add(names, f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{index}.0.op")
+            index += 1
+    # middle_block interleaves resnet, attention, resnet
+    for j in range(len(unet.mid_block.resnets)):
+        _add(names, f"mid_block.resnets.{j}", f"middle_block.{2 * j}", UNET_RESNET)
+    for j in range(len(getattr(unet.mid_block, "attentions", None) or ())):
+        _add(names, f"mid_block.attentions.{j}", f"middle_block.{2 * j + 1}")
+    index = 0
+    for i, block in enumerate(unet.up_blocks):
+        attentions = getattr(block, "attentions", None)
+        for j in range(len(block.resnets)):
+            _add(names, f"up_blocks.{i}.resnets.{j}", f"output_blocks.{index}.0", UNET_RESNET)
+            if attentions:
+                _add(names, f"up_blocks.{i}.attentions.{j}", f"output_blocks.{index}.1")
+            index += 1
+        if block.upsamplers:  # part of the level's last output block, after its resnet and attention
+            _add(names, f"up_blocks.{i}.upsamplers.0.conv", f"output_blocks.{index - 1}.{2 if attentions else 1}.conv")
+    return names
+
+
+def _vae_names(vae) -> dict[str, str]:
+    """diffusers module name -> LDM module name, for the blocks this VAE has."""
+    names = {"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv"}
+    for side in ("encoder", "decoder"):
+        _add(names, f"{side}.conv_in", f"{side}.conv_in")
+        _add(names, f"{side}.conv_norm_out", f"{side}.norm_out")
+        _add(names, f"{side}.conv_out", f"{side}.conv_out")
+        mid = getattr(vae, side).mid_block
+        for j in range(len(mid.resnets)):
+            _add(names, f"{side}.mid_block.resnets.{j}", f"{side}.mid.block_{j + 1}", VAE_RESNET)
+        for j in range(len(mid.attentions)):
+            _add(names, f"{side}.mid_block.attentions.{j}", f"{side}.mid.attn_{j + 1}", VAE_ATTENTION)
+    for i, block in enumerate(vae.encoder.down_blocks):
+        for j in range(len(block.resnets)):
+            _add(names, f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.down.{i}.block.{j}", VAE_RESNET)
+        if block.downsamplers:
+            _add(names, f"encoder.down_blocks.{i}.downsamplers.0.conv", f"encoder.down.{i}.downsample.conv")
+    levels = len(vae.decoder.up_blocks)
+    for i, block in enumerate(vae.decoder.up_blocks):
+        level = levels - 1 - i  # LDM numbers decoder levels from the lowest resolution up
+        for j in range(len(block.resnets)):
+            _add(names, f"decoder.up_blocks.{i}.resnets.{j}", f"decoder.up.{level}.block.{j}", VAE_RESNET)
+        if block.upsamplers:
+            _add(names, f"decoder.up_blocks.{i}.upsamplers.0.conv", f"decoder.up.{level}.upsample.conv")
+    return names
+
+
+def _openclip(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers CLIP text weights (no ``text_model.`` level) -> OpenCLIP names.
+
+    There is no ``text_projection`` (SD never uses it), and SD 2.x's diffusers encoder already
+    lacks OpenCLIP's last layer, which SD skips by conditioning on the penultimate one.
+    """
+    out = {
+        "token_embedding.weight": weights.pop("embeddings.token_embedding.weight"),
+        "positional_embedding": weights.pop("embeddings.position_embedding.weight"),  # a bare [77, D] parameter
+        "ln_final.weight": weights.pop("final_layer_norm.weight"),
+        "ln_final.bias": weights.pop("final_layer_norm.bias"),
+    }
+    layers = sorted({int(k.split(".")[2]) for k in weights if k.startswith("encoder.layers.")})
+    for n in layers:
+        src, dst = f"encoder.layers.{n}.", f"transformer.resblocks.{n}."
+        for kind in ("weight", "bias"):
+            # torch.nn.MultiheadAttention stores q, k, v stacked: [3 * D, D] and [3 * D]
+            qkv = [weights.pop(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"]
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(qkv)
+            for a, b in OPENCLIP_LAYER.items():
+                out[f"{dst}{b}.{kind}"] = weights.pop(f"{src}{a}.{kind}")
+    if weights:
+        raise ValueError(f"no OpenCLIP name for text-encoder weights {sorted(weights)[:3]}")
+    return out

@@ -1,0 +1,167 @@
+"""Single-file export: original SD key layout, and diffusers' from_single_file loads it back unchanged."""
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from sdtune.models import load_components
+from sdtune.single_file import save_single_file, to_original_state_dict
+
+
+def _assert_same_weights(expected, actual):
+    for name in ("unet", "vae", "text_encoder"):
+        want, got = getattr(expected, name).state_dict(), getattr(actual, name).state_dict()
+        assert want.keys() == got.keys(), name
+        for key in want:
+            assert torch.equal(want[key], got[key]), f"{name}.{key}"
+
+
+def _image(pipe):
+    out = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    return torch.from_numpy(out.images)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model, tmp_path_factory):
+    """The tiny model with every weight nudged (so reloads cannot pass by reading the folder), saved in fp32."""
+    components = load_components(str(tiny_model))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in (components.unet, components.vae, components.text_encoder):
+            for p in module.parameters():
+                p.add_(torch.randn(p.shape, generator=g), alpha=0.01)
+    path = tmp_path_factory.mktemp("single") / "model.safetensors"
+    assert save_single_file(path, components.unet, components.vae, components.text_encoder, dtype=torch.float32) == path
+    return components, path
+
+
+def test_round_trip_through_from_single_file(exported, tiny_model):
+    components, path = exported
+    reloaded = StableDiffusionPipeline.from_single_file(str(path), config=str(tiny_model), safety_checker=None)
+    _assert_same_weights(components, reloaded)
+    assert torch.equal(_image(components.pipeline()), _image(reloaded))
+
+
+def test_key_layout(exported):
+    components, path = exported
+    tensors = load_file(str(path))
+    prefixes = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model.")
+    assert all(key.startswith(prefixes) for key in tensors)
+    unet, vae, te = (m.state_dict() for m in (components.unet, components.vae, components.text_encoder))
+    assert len(tensors) == len(unet) + len(vae) + len(te)
+    spot_checks = {
+        "model.diffusion_model.input_blocks.0.0.weight": unet["conv_in.weight"],
+        "model.diffusion_model.time_embed.2.weight": unet["time_embedding.linear_2.weight"],
+        "model.diffusion_model.input_blocks.1.0.in_layers.2.weight": unet["down_blocks.0.resnets.0.conv1.weight"],
+        "model.diffusion_model.input_blocks.2.0.op.weight": unet["down_blocks.0.downsamplers.0.conv.weight"],
+        "model.diffusion_model.middle_block.2.emb_layers.1.weight": unet["mid_block.resnets.1.time_emb_proj.weight"],
+        "model.diffusion_model.output_blocks.1.1.conv.weight": unet["up_blocks.0.upsamplers.0.conv.weight"],
+        "model.diffusion_model.output_blocks.2.1.proj_in.weight": unet["up_blocks.1.attentions.0.proj_in.weight"],
+        "model.diffusion_model.out.2.weight": unet["conv_out.weight"],
+        "first_stage_model.encoder.conv_in.weight": vae["encoder.conv_in.weight"],
+        "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight":
+            vae["encoder.down_blocks.1.resnets.0.conv_shortcut.weight"],
+        "first_stage_model.decoder.up.3.upsample.conv.weight": vae["decoder.up_blocks.0.upsamplers.0.conv.weight"],
+        "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight":
+            vae["decoder.up_blocks.3.resnets.0.conv_shortcut.weight"],
+        "cond_stage_model.transformer.text_model.encoder.layers.1.self_attn.q_proj.weight":
+            te["encoder.layers.1.self_attn.q_proj.weight"],
+    }
+    for key, want in spot_checks.items():
+        assert torch.equal(tensors[key], want), key
+    # LDM's VAE attention uses 1x1 convolutions where diffusers has linear layers
+    q = tensors["first_stage_model.decoder.mid.attn_1.q.weight"]
+    assert q.shape == (16, 16, 1, 1)
+    assert torch.equal(q[:, :, 0, 0], vae["decoder.mid_block.attentions.0.to_q.weight"])
+
+
+def test_default_dtype_is_fp16_and_path_must_be_safetensors(exported, tmp_path):
+    components, _ = exported
+    parts = (components.unet, components.vae, components.text_encoder)
+    path = save_single_file(tmp_path / "half.safetensors", *parts)
+    with safe_open(str(path), "pt") as f:
+        assert f.get_tensor("model.diffusion_model.out.2.weight").dtype == torch.float16
+    assert [p.name for p in tmp_path.iterdir()] == ["half.safetensors"]  # no temporary file left behind
+    with pytest.raises(ValueError, match="safetensors"):
+        save_single_file(tmp_path / "model.ckpt", *parts)
+
+
+def test_load_components_reads_the_file(exported, tiny_model):
+    components, path = exported
+    loaded = load_components(str(path), single_file_config=str(tiny_model))
+    _assert_same_weights(components, loaded)
+    assert loaded.prediction_type == "epsilon"
+
+
+def test_v_prediction_model_round_trips(tiny_model_v, tmp_path):
+    components = load_components(str(tiny_model_v))
+    path = save_single_file(tmp_path / "v.safetensors", components.unet, components.vae, components.text_encoder,
+                            dtype=torch.float32)
+    loaded = load_components(str(path), single_file_config=str(tiny_model_v))
+    _assert_same_weights(components, loaded)
+    assert loaded.prediction_type == "v_prediction"
+
+
+def test_unet_layout_follows_the_config(exported, tmp_path):
+    """Three levels, two layers per block, linear attention projections (SD 2.x): read back by diffusers."""
+    components, _ = exported
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(16, 32, 32), layers_per_block=2, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=4, norm_num_groups=8, use_linear_projection=True,
+    )
+    unet.save_config(tmp_path / "unet")  # the config only: the weights must come from the file
+    tensors = to_original_state_dict(unet, components.vae, components.text_encoder)
+    unet_tensors = {k: v.contiguous() for k, v in tensors.items() if k.startswith("model.diffusion_model.")}
+    assert len(unet_tensors) == len(unet.state_dict())
+    # 1 (conv_in) + 2 levels x (2 layers + downsampler): the second downsampler is input_blocks.6
+    assert "model.diffusion_model.input_blocks.6.0.op.weight" in unet_tensors
+    assert "model.diffusion_model.output_blocks.5.2.conv.weight" in unet_tensors  # after the level's attention
+    assert unet_tensors["model.diffusion_model.input_blocks.1.1.proj_in.weight"].ndim == 2  # linear, as in SD 2.x
+    save_file(unet_tensors, str(tmp_path / "unet.safetensors"))
+    reloaded = UNet2DConditionModel.from_single_file(str(tmp_path / "unet.safetensors"), config=str(tmp_path),
+                                                     subfolder="unet")
+    want, got = unet.state_dict(), reloaded.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_openclip_layout_fuses_qkv(exported, tiny_model, tmp_path):
+    components, _ = exported
+    te = components.text_encoder.state_dict()
+    tensors = to_original_state_dict(components.unet, components.vae, components.text_encoder,
+                                     text_encoder_layout="openclip")
+    text_keys = [k for k in tensors if k.startswith("cond_stage_model.")]
+    assert all(k.startswith("cond_stage_model.model.") for k in text_keys)
+    assert len(text_keys) == len(te) - 4 * components.text_encoder.config.num_hidden_layers  # q/k/v: 6 -> 2 fused
+    prefix = "cond_stage_model.model."
+    for n in range(components.text_encoder.config.num_hidden_layers):
+        layer = f"encoder.layers.{n}.self_attn."
+        fused = tensors[f"{prefix}transformer.resblocks.{n}.attn.in_proj_weight"]
+        assert torch.equal(fused, torch.cat([te[f"{layer}{p}_proj.weight"] for p in "qkv"]))
+        bias = tensors[f"{prefix}transformer.resblocks.{n}.attn.in_proj_bias"]
+        assert torch.equal(bias, torch.cat([te[f"{layer}{p}_proj.bias"] for p in "qkv"]))
+        c_fc = tensors[f"{prefix}transformer.resblocks.{n}.mlp.c_fc.weight"]
+        assert torch.equal(c_fc, te[f"encoder.layers.{n}.mlp.fc1.weight"])
+    assert torch.equal(tensors[prefix + "positional_embedding"], te["embeddings.position_embedding.weight"])
+    assert torch.equal(tensors[prefix + "ln_final.weight"], te["final_layer_norm.weight"])
+    # diffusers reads this layout as SD 2.x's text encoder, splitting in_proj back into q/k/v
+    path = save_single_file(tmp_path / "sd2.safetensors", components.unet, components.vae, components.text_encoder,
+                            dtype=torch.float32, text_encoder_layout="openclip")
+    reloaded = StableDiffusionPipeline.from_single_file(str(path), config=str(tiny_model), safety_checker=None)
+    _assert_same_weights(components, reloaded)
+
+
+def test_openclip_is_detected_by_its_gelu_activation(exported):
+    components, _ = exported
+    config = CLIPTextConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                            num_hidden_layers=1, max_position_embeddings=77, hidden_act="gelu")
+    tensors = to_original_state_dict(components.unet, components.vae, CLIPTextModel(config))
+    assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in tensors
+    assert not any(k.startswith("cond_stage_model.transformer.") for k in tensors)
