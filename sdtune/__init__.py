@@ -18,12 +18,15 @@ _EXPORTS = {
     "LoRAConfig": "sdtune.config",
     "LoRAMethod": "sdtune.methods.lora",
     "SdtuneError": "sdtune.errors",
+    "TextualInversionConfig": "sdtune.config",
+    "TextualInversionMethod": "sdtune.methods.textual_inversion",
     "TrainConfig": "sdtune.config",
     "TrainResult": "sdtune.loop",
     "load_components": "sdtune.models",
     "train": "sdtune.loop",
     "train_dreambooth": "sdtune.api",
     "train_lora": "sdtune.api",
+    "train_textual_inversion": "sdtune.api",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from sdtune.config import DreamBoothConfig, LoRAConfig
+from sdtune.config import DreamBoothConfig, LoRAConfig, TextualInversionConfig
 from sdtune.loop import TrainResult, train
 from sdtune.methods.dreambooth import DreamBoothMethod
 from sdtune.methods.lora import LoRAMethod
+from sdtune.methods.textual_inversion import TextualInversionMethod
 
 
 def train_lora(config: LoRAConfig) -> TrainResult:
@@ -23,3 +24,8 @@ def train_dreambooth(config: DreamBoothConfig) -> TrainResult:
     (exported like ``train_lora``). Prior preservation comes from ``with_prior_preservation``."""
     method = LoRAMethod(config) if config.use_lora else DreamBoothMethod(config)
     return train(config, method)
+
+
+def train_textual_inversion(config: TextualInversionConfig) -> TrainResult:
+    """Learn ``config.placeholder_token``'s embedding; exports learned_embeds.safetensors and an A1111 embedding."""
+    return train(config, TextualInversionMethod(config))

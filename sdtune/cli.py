@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import yaml
 
-from sdtune.config import DreamBoothConfig, LoRAConfig, TrainConfig, build_config, did_you_mean, field_base_type, load_recipe, parse_value
+from sdtune.config import DreamBoothConfig, LoRAConfig, TextualInversionConfig, TrainConfig, build_config, did_you_mean, field_base_type, load_recipe, parse_value
 from sdtune.errors import ConfigError, SdtuneError
 
 logger = logging.getLogger("sdtune")
@@ -31,6 +31,8 @@ TRAINERS: dict[str, tuple[type[TrainConfig], Callable, str]] = {
     "train-lora": (LoRAConfig, _runner("train_lora"), "Train a LoRA (diffusers + kohya exports)."),
     "train-dreambooth": (DreamBoothConfig, _runner("train_dreambooth"),
                          "DreamBooth: full fine-tune (pipeline folder, single file) or --use_lora; prior preservation."),
+    "train-textual-inversion": (TextualInversionConfig, _runner("train_textual_inversion"),
+                                "Textual inversion: learn a new token's embedding (diffusers + A1111 files)."),
 }
 
 

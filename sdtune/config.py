@@ -49,6 +49,7 @@ class TrainConfig:
     instance_data_dir: str | None = option(
         None, "Image folder: captions as .txt beside each image (kohya), or a metadata.jsonl (HF imagefolder)."
     )
+    train_data_dir: str | None = option(None, "Same as --instance_data_dir (the name diffusers' text-to-image and textual-inversion scripts use).")
     dataset_name: str | None = option(None, "A `datasets` dataset (Hub id or local path) instead of a folder.")
     dataset_config_name: str | None = option(None, "Config name of --dataset_name.")
     image_column: str = option("image", "Image column of --dataset_name.")
@@ -71,6 +72,11 @@ class TrainConfig:
     cache_text_embeddings: bool = option(True, "Encode each caption once when the text encoder is frozen.")
     vae_batch_size: int = option(4, "Images per VAE call while caching.")
     dataloader_num_workers: int = option(0, "Data loader worker processes.")
+
+    # --- new tokens (textual inversion, pivotal tuning) -------------------------------------
+    placeholder_token: str | None = option(None, "New token to learn, e.g. '<cat-toy>'; put it in captions or --instance_prompt.")
+    initializer_token: str | None = option(None, "A one-token word whose embedding starts the new token's (e.g. 'toy').")
+    num_vectors: int = option(1, "Vectors per new token: <tok>, <tok>_1, ...; prompts with <tok> use them all.")
 
     # --- prior preservation (DreamBooth): class images are data with their own loss weight ----
     with_prior_preservation: bool = option(False, "Train on class images too, to keep the model's prior of the class.")
@@ -154,12 +160,26 @@ class LoRAConfig(TrainConfig):
     use_dora: bool = option(False, "Weight-decomposed LoRA (DoRA).")
     train_text_encoder: bool = option(False, "Also train a LoRA on the text encoder (disables text-embedding caching).")
     text_encoder_lr: float | None = option(None, "Learning rate of the text-encoder LoRA (default: --learning_rate).")
+    train_text_embeddings: bool = option(False, "Pivotal tuning: learn --placeholder_token's embedding together with the LoRA.")
+    text_embeddings_lr: float = option(5e-4, "Learning rate of the new token embeddings (pivotal tuning).")
+    train_text_embeddings_frac: float = option(1.0, "Stop learning the embeddings after this fraction of the steps (pivotal tuning).")
 
     method: typing.ClassVar[str] = "lora"
 
     @property
     def text_encoder_trained(self) -> bool:
         return self.train_text_encoder
+
+
+@dataclass(frozen=True)
+class TextualInversionConfig(TrainConfig):
+    """Textual inversion: only the new token's embedding vectors are learned."""
+
+    learning_rate: float = option(5e-4, "Learning rate of the embedding vectors.")
+    learnable_property: Literal["object", "style"] = option(
+        "object", "Caption template set for images without a caption: 'a photo of a <tok>' or 'a painting in the style of <tok>'.")
+
+    method: typing.ClassVar[str] = "textual_inversion"
 
 
 @dataclass(frozen=True)
@@ -300,6 +320,10 @@ def _check_range(config: TrainConfig) -> None:
         raise ValueError("with_prior_preservation and enable_bucket cannot be combined yet; train at one --resolution")
     if config.checkpoints_total_limit is not None and config.checkpoints_total_limit < 1:
         raise ValueError("checkpoints_total_limit must be at least 1")
+    if config.num_vectors < 1:
+        raise ValueError(f"num_vectors must be at least 1, got {config.num_vectors}")
+    if isinstance(config, LoRAConfig) and not 0.0 < config.train_text_embeddings_frac <= 1.0:
+        raise ValueError(f"train_text_embeddings_frac must be in (0, 1], got {config.train_text_embeddings_frac}")
     if isinstance(config, DreamBoothConfig):
         if not 0.0 < config.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be between 0 and 1, got {config.ema_decay}")

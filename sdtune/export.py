@@ -58,11 +58,12 @@ def save_kohya_lora(
     rank: int,
     metadata: dict[str, str] | None = None,
     dtype: torch.dtype = torch.float16,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write one kohya-format LoRA file (what A1111's and ComfyUI's LoRA loaders read).
 
     Weights are stored in ``dtype`` (fp16 by default, as these UIs expect); ``metadata`` adds
-    ``ss_*`` training notes that the UIs display.
+    ``ss_*`` training notes that the UIs display; ``extra`` adds tensors such as embedding bundles.
     """
     tensors = peft_to_kohya(unet_state_dict, KOHYA_UNET_PREFIX, alpha)
     if text_encoder_state_dict:
@@ -72,6 +73,7 @@ def save_kohya_lora(
             (k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in text_encoder_state_dict.items()
         }
         tensors.update(peft_to_kohya(text_encoder_state_dict, KOHYA_TEXT_ENCODER_PREFIX, alpha))
+    tensors.update(extra or {})  # e.g. bundled pivotal-tuning embeddings
     tensors = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".alpha") else v for k, v in tensors.items()}
     header = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha)}
     header.update(metadata or {})
@@ -90,3 +92,27 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadat
 
 def save_precision_dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+LEARNED_EMBEDS_FILE = "learned_embeds.safetensors"
+
+
+def save_learned_embeds(output_dir: str | Path, token: str, vectors: torch.Tensor) -> Path:
+    """diffusers' textual-inversion file: ``{token: [num_vectors, dim]}`` (``pipe.load_textual_inversion(path)``)."""
+    return atomic_save_file({token: vectors}, Path(output_dir) / LEARNED_EMBEDS_FILE)
+
+
+def a1111_embedding_name(token: str) -> str:
+    """A1111 names an embedding after its file: '<cat-toy>' → 'cat-toy' (typed in prompts as cat-toy)."""
+    return token.strip("<>") or "embedding"
+
+
+def save_a1111_embedding(output_dir: str | Path, token: str, vectors: torch.Tensor) -> Path:
+    """AUTOMATIC1111 / ComfyUI embedding: the vectors under ``emb_params``, in ``<name>.safetensors``."""
+    name = a1111_embedding_name(token)
+    return atomic_save_file({"emb_params": vectors}, Path(output_dir) / f"{name}.safetensors", {"name": name, "token": token})
+
+
+def kohya_embedding_bundle(token: str, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Embeddings inside a kohya LoRA file, as A1111 (1.7+), ComfyUI and OneTrainer read them."""
+    return {f"bundle_emb.{a1111_embedding_name(token)}.string_to_param.*": vectors}

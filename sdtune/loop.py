@@ -68,6 +68,9 @@ class Trainer:
     def __init__(self, config: TrainConfig, method: Method):
         if not config.pretrained_model_name_or_path:
             raise ConfigError("--pretrained_model_name_or_path is required (a Hub id, a diffusers folder or a .safetensors file)")
+        needs_token = config.method == "textual_inversion" or getattr(config, "train_text_embeddings", False)
+        if needs_token and not config.placeholder_token:
+            raise ConfigError("--placeholder_token is required to learn a new token (e.g. --placeholder_token '<cat-toy>')")
         if config.with_prior_preservation and not (config.class_data_dir and config.class_prompt):
             raise ConfigError("--with_prior_preservation needs --class_data_dir FOLDER and --class_prompt 'a photo of dog'")
         if config.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
@@ -91,7 +94,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.output_dir / CONFIG_FILE)
         records = find_records(  # before loading the model: a wrong folder should fail in a second, not a minute
-            instance_data_dir=config.instance_data_dir, dataset_name=config.dataset_name,
+            instance_data_dir=config.instance_data_dir or config.train_data_dir, dataset_name=config.dataset_name,
             dataset_config_name=config.dataset_config_name, image_column=config.image_column,
             caption_column=config.caption_column, caption_extension=config.caption_extension,
         )
@@ -134,8 +137,8 @@ class Trainer:
             min_bucket_reso=config.min_bucket_reso, max_bucket_reso=config.max_bucket_reso,
             bucket_reso_steps=config.bucket_reso_steps, bucket_no_upscale=config.bucket_no_upscale, seed=config.seed,
         )
-        samples = prepare_samples(records, instance_prompt=config.instance_prompt,
-                                  source=config.instance_data_dir or config.dataset_name, **placement)
+        samples = prepare_samples(records, instance_prompt=config.instance_prompt or self.method.default_caption,
+                                  source=config.instance_data_dir or config.train_data_dir or config.dataset_name, **placement)
         companions = []
         if config.with_prior_preservation:  # class images: data with their own loss weight
             class_samples = prepare_samples(
@@ -156,6 +159,7 @@ class Trainer:
         dataset = TrainDataset(
             samples, latents=latents, random_flip=config.random_flip, shuffle_caption=config.shuffle_caption,
             keep_tokens=config.keep_tokens, caption_dropout_rate=config.caption_dropout_rate, seed=config.seed,
+            caption_transform=self.method.transform_caption,
         )
         self.sampler = BucketBatchSampler(
             [s.bucket for s in samples], config.train_batch_size, num_processes=accelerator.num_processes,
@@ -180,8 +184,10 @@ class Trainer:
         models = self.method.trained_models(self.components)
         prepared = accelerator.prepare(*models, optimizer)
         self.models, self.optimizer = list(prepared[:-1]), prepared[-1]
-        self.unet = self.models[0]  # the DDP/autocast wrapper used for the forward pass
-        self.text_encoder = self.models[1] if self.method.trains_text_encoder else self.components.text_encoder
+        # The DDP/autocast wrappers of trained models run the forward pass; frozen models run bare.
+        wrapped = {id(model): wrapper for model, wrapper in zip(models, self.models)}
+        self.unet = wrapped.get(id(self.components.unet), self.components.unet)
+        self.text_encoder = wrapped.get(id(self.components.text_encoder), self.components.text_encoder)
         self.trained_params = [p for group in self.param_groups for p in group["params"]]
 
     def _resume(self) -> None:

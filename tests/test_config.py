@@ -14,12 +14,13 @@ RECIPES = sorted((Path(__file__).parents[1] / "recipes").rglob("*.yaml"))
 
 def test_there_are_recipes():
     assert {p.relative_to(p.parents[1]).as_posix() for p in RECIPES} >= {
-        "sd15/lora.yaml", "sd21/lora.yaml", "sd15/dreambooth.yaml", "sd15/dreambooth_lora.yaml", "sd21/dreambooth.yaml"}
+        "sd15/lora.yaml", "sd21/lora.yaml", "sd15/dreambooth.yaml", "sd15/dreambooth_lora.yaml", "sd21/dreambooth.yaml",
+        "sd15/textual_inversion.yaml", "sd15/pivotal.yaml"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_recipe_loads(recipe):
-    command = "train-dreambooth" if recipe.stem.startswith("dreambooth") else "train-lora"
+    command = {"dreambooth": "train-dreambooth", "textual": "train-textual-inversion"}.get(recipe.stem.split("_")[0], "train-lora")
     config, _ = parse_config(command, ["--config", str(recipe)])
     assert config.pretrained_model_name_or_path
 

@@ -104,8 +104,10 @@ class TrainDataset(torch.utils.data.Dataset):
         keep_tokens: int = 0,
         caption_dropout_rate: float = 0.0,
         seed: int = 0,
+        caption_transform=None,
     ):
         self.samples = samples
+        self.caption_transform = caption_transform  # e.g. textual inversion's templates and multi-vector expansion
         self.latents = latents
         self.random_flip = random_flip
         self.caption_options = dict(shuffle=shuffle_caption, keep_tokens=keep_tokens, dropout_rate=caption_dropout_rate)
@@ -119,8 +121,9 @@ class TrainDataset(torch.utils.data.Dataset):
         sample = self.samples[index]
         rng = random.Random(f"{self.seed}:{epoch}:{index}")
         flip = self.random_flip and rng.random() < 0.5
+        caption = self.caption_transform(sample.caption, rng) if self.caption_transform else sample.caption
         example = {
-            "caption": augment_caption(sample.caption, rng, **self.caption_options),
+            "caption": augment_caption(caption, rng, **self.caption_options),
             "loss_weight": torch.tensor(sample.loss_weight, dtype=torch.float32),
         }
         if self.latents is not None:

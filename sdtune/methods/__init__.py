@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Protocol
 
@@ -13,12 +14,17 @@ from sdtune.models import Components
 class Method(Protocol):
     """What the loop needs from a method; it never asks which method it runs."""
 
+    default_caption: str | None  # caption of images that have none and no --instance_prompt
+
     @property
     def trains_text_encoder(self) -> bool:
         """Whether the text encoder's output changes during training (then captions cannot be cached)."""
 
     def text_encoder_trains_at(self, step: int) -> bool:
         """Whether the text encoder is still trained at optimizer step ``step``."""
+
+    def transform_caption(self, caption: str, rng: random.Random) -> str:
+        """The caption to train on (e.g. fill a template, expand a multi-vector token)."""
 
     def prepare(self, components: Components) -> list[dict]:
         """Freeze/unfreeze and inject what is trained; return optimizer parameter groups."""

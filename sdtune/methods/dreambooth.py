@@ -21,6 +21,8 @@ SINGLE_FILE_NAME = "model.safetensors"
 
 
 class DreamBoothMethod:
+    default_caption = None
+
     def __init__(self, config: DreamBoothConfig):
         self.config = config
         self.ema: EMAModel | None = None
@@ -32,6 +34,9 @@ class DreamBoothMethod:
     def text_encoder_trains_at(self, step: int) -> bool:
         stop = self.config.stop_text_encoder_training
         return self.config.train_text_encoder and (stop is None or step < stop)
+
+    def transform_caption(self, caption: str, rng) -> str:
+        return caption
 
     def prepare(self, components: Components) -> list[dict]:
         # Trained weights are fp32 masters whatever the mixed precision; frozen parts keep the weight dtype.

@@ -12,7 +12,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from sdtune.config import LoRAConfig
-from sdtune.export import DIFFUSERS_LORA_FILE, save_kohya_lora
+from sdtune.export import DIFFUSERS_LORA_FILE, kohya_embedding_bundle, save_kohya_lora, save_learned_embeds
+from sdtune.methods.embeddings import NewTokenEmbeddings
 from sdtune.models import Components
 
 # Module-name patterns (full match against UNet module paths) for --lora_targets.
@@ -36,19 +37,32 @@ def unet_target_modules(unet: torch.nn.Module, targets: str) -> list[str]:
 
 
 class LoRAMethod:
-    """Trains low-rank adapters; the base weights never change."""
+    """Trains low-rank adapters; the base weights never change.
+
+    With ``train_text_embeddings`` (pivotal tuning) it also learns new token embeddings, with their
+    own learning rate, for the first ``train_text_embeddings_frac`` of the steps.
+    """
+
+    default_caption = None
 
     def __init__(self, config: LoRAConfig):
         self.config = config
         self.lora_alpha = config.lora_alpha if config.lora_alpha is not None else float(config.rank)
         self.unet_targets: list[str] = []
+        self.embeddings = None
+        if config.train_text_embeddings:
+            self.embeddings = NewTokenEmbeddings(config.placeholder_token, config.initializer_token, config.num_vectors)
 
     @property
     def trains_text_encoder(self) -> bool:
-        return self.config.train_text_encoder
+        return self.config.train_text_encoder or self.embeddings is not None
 
     def text_encoder_trains_at(self, step: int) -> bool:
-        return self.config.train_text_encoder
+        learns_embeddings = self.embeddings is not None and step < self.config.train_text_embeddings_frac * self.config.max_train_steps
+        return self.config.train_text_encoder or learns_embeddings
+
+    def transform_caption(self, caption: str, rng) -> str:
+        return self.embeddings.expand(caption) if self.embeddings is not None else caption
 
     def _lora_config(self, target_modules: list[str]) -> LoraConfig:
         return LoraConfig(
@@ -57,6 +71,7 @@ class LoRAMethod:
         )
 
     def prepare(self, components: Components) -> list[dict]:
+        embedding_weight = self.embeddings.add_to(components) if self.embeddings is not None else None
         self.unet_targets = unet_target_modules(components.unet, self.config.lora_targets)
         components.unet.add_adapter(self._lora_config(self.unet_targets), adapter_name=ADAPTER_NAME)
         models = [components.unet]
@@ -69,23 +84,30 @@ class LoRAMethod:
         groups = [{"params": _trainable(components.unet), "lr": self.config.learning_rate}]
         if self.config.train_text_encoder:
             lr = self.config.text_encoder_lr if self.config.text_encoder_lr is not None else self.config.learning_rate
-            groups.append({"params": _trainable(components.text_encoder), "lr": lr})
+            groups.append({"params": [p for p in _trainable(components.text_encoder) if p is not embedding_weight], "lr": lr})
+        if embedding_weight is not None:
+            groups.append({"params": [embedding_weight], "lr": self.config.text_embeddings_lr})
         return groups
 
     def trained_models(self, components: Components) -> list[torch.nn.Module]:
-        return [components.unet, components.text_encoder] if self.config.train_text_encoder else [components.unet]
+        return [components.unet, components.text_encoder] if self.trains_text_encoder else [components.unet]
 
     def after_step(self, components: Components) -> None:
-        pass
+        if self.embeddings is not None:
+            self.embeddings.restore_frozen_rows(components.text_encoder)
 
     def state_dict(self, components: Components) -> dict[str, torch.Tensor]:
         state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(_unwrap(components.unet)).items()}
         if self.config.train_text_encoder:
-            te = get_peft_model_state_dict(_unwrap(components.text_encoder))
+            te = get_peft_model_state_dict(_unwrap(components.text_encoder), save_embedding_layers=False)
             state.update({f"text_encoder.{k}": v for k, v in te.items()})
+        if self.embeddings is not None:
+            state["text_embeddings"] = self.embeddings.vectors(components.text_encoder)
         return state
 
     def load_state_dict(self, components: Components, state_dict: dict[str, torch.Tensor]) -> None:
+        if self.embeddings is not None:
+            self.embeddings.load_vectors(components.text_encoder, state_dict["text_embeddings"])
         for prefix, model in (("unet.", components.unet), ("text_encoder.", components.text_encoder)):
             part = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
             if part:
@@ -96,7 +118,9 @@ class LoRAMethod:
 
     def lora_state_dicts(self, components: Components):
         unet = get_peft_model_state_dict(_unwrap(components.unet))
-        te = get_peft_model_state_dict(_unwrap(components.text_encoder)) if self.config.train_text_encoder else None
+        te = None
+        if self.config.train_text_encoder:
+            te = get_peft_model_state_dict(_unwrap(components.text_encoder), save_embedding_layers=False)
         return unet, te
 
     def export(self, components: Components, output_dir: Path) -> dict[str, Path]:
@@ -113,12 +137,17 @@ class LoRAMethod:
             text_encoder_lora_adapter_metadata={**metadata, "target_modules": TEXT_ENCODER_TARGETS} if te_sd else None,
             safe_serialization=True,
         )
-        kohya_path = save_kohya_lora(
-            output_dir / KOHYA_LORA_FILE, unet_sd, te_sd,
-            alpha=self.lora_alpha, rank=self.config.rank,
-            metadata=kohya_metadata(components, self.config),
+        outputs = {"diffusers": output_dir / DIFFUSERS_LORA_FILE}
+        bundle = None
+        if self.embeddings is not None:  # pivotal tuning: the token travels with the LoRA
+            vectors = self.embeddings.vectors(components.text_encoder)
+            outputs["embeddings"] = save_learned_embeds(output_dir, self.config.placeholder_token, vectors)
+            bundle = kohya_embedding_bundle(self.config.placeholder_token, vectors)
+        outputs["kohya"] = save_kohya_lora(
+            output_dir / KOHYA_LORA_FILE, unet_sd, te_sd, alpha=self.lora_alpha, rank=self.config.rank,
+            metadata=kohya_metadata(components, self.config), extra=bundle,
         )
-        return {"diffusers": output_dir / DIFFUSERS_LORA_FILE, "kohya": kohya_path}
+        return outputs
 
 
 def kohya_metadata(components: Components, config: LoRAConfig) -> dict[str, str]:

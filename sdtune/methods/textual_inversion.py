@@ -1,0 +1,74 @@
+"""Textual inversion: learn new token embeddings; every other weight stays frozen."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from sdtune.config import TextualInversionConfig
+from sdtune.export import save_a1111_embedding, save_learned_embeds
+from sdtune.methods.embeddings import NewTokenEmbeddings
+from sdtune.models import Components
+
+# Captions for images without one. {} is the placeholder token.
+OBJECT_TEMPLATES = (
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}", "a photo of a clean {}",
+    "a dark photo of the {}", "a close-up photo of a {}", "a bright photo of the {}", "a good photo of a {}",
+    "a photo of one {}", "a rendition of the {}", "a photo of the nice {}", "a photo of a small {}", "a photo of the large {}",
+)
+STYLE_TEMPLATES = (
+    "a painting in the style of {}", "a rendering in the style of {}", "a cropped painting in the style of {}",
+    "the painting in the style of {}", "a clean painting in the style of {}", "a dark painting in the style of {}",
+    "a picture in the style of {}", "a cool painting in the style of {}", "a bright painting in the style of {}",
+    "a good painting in the style of {}", "a close-up painting in the style of {}", "art in the style of {}",
+)
+TEMPLATE_CAPTION = "{template}"  # marks samples captioned from the templates
+
+
+def caption_from_templates(caption: str, rng: random.Random, placeholder_token: str, learnable_property: str) -> str:
+    """A template caption (object or style) for template-marked samples; the dataset's own captions pass through."""
+    if caption != TEMPLATE_CAPTION:
+        return caption
+    templates = STYLE_TEMPLATES if learnable_property == "style" else OBJECT_TEMPLATES
+    return rng.choice(templates).format(placeholder_token)
+
+
+class TextualInversionMethod:
+    def __init__(self, config: TextualInversionConfig):
+        self.config = config
+        self.embeddings = NewTokenEmbeddings(config.placeholder_token, config.initializer_token, config.num_vectors)
+
+    default_caption = TEMPLATE_CAPTION
+    trains_text_encoder = True  # its output changes, so captions cannot be cached
+
+    def text_encoder_trains_at(self, step: int) -> bool:
+        return True
+
+    def transform_caption(self, caption: str, rng: random.Random) -> str:
+        caption = caption_from_templates(caption, rng, self.config.placeholder_token, self.config.learnable_property)
+        return self.embeddings.expand(caption)
+
+    def prepare(self, components: Components) -> list[dict]:
+        weight = self.embeddings.add_to(components)
+        return [{"params": [weight], "lr": self.config.learning_rate}]
+
+    def trained_models(self, components: Components) -> list[torch.nn.Module]:
+        return [components.text_encoder]
+
+    def after_step(self, components: Components) -> None:
+        self.embeddings.restore_frozen_rows(components.text_encoder)
+
+    def state_dict(self, components: Components) -> dict[str, torch.Tensor]:
+        return {"embeddings": self.embeddings.vectors(components.text_encoder)}
+
+    def load_state_dict(self, components: Components, state_dict: dict[str, torch.Tensor]) -> None:
+        self.embeddings.load_vectors(components.text_encoder, state_dict["embeddings"])
+
+    def export(self, components: Components, output_dir: Path) -> dict[str, Path]:
+        vectors = self.embeddings.vectors(components.text_encoder)
+        return {
+            "diffusers": save_learned_embeds(output_dir, self.config.placeholder_token, vectors),
+            "a1111": save_a1111_embedding(output_dir, self.config.placeholder_token, vectors),
+        }
