@@ -7,43 +7,89 @@ import dataclasses
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import yaml
 
-from sdtune.config import DreamBoothConfig, LoRAConfig, TextualInversionConfig, TrainConfig, build_config, did_you_mean, field_base_type, load_recipe, parse_value
+from sdtune.config import (
+    DreamBoothConfig,
+    GenerateConfig,
+    LoRAConfig,
+    PushConfig,
+    TextualInversionConfig,
+    build_config,
+    did_you_mean,
+    field_base_type,
+    load_recipe,
+    parse_value,
+)
 from sdtune.errors import ConfigError, SdtuneError
 
 logger = logging.getLogger("sdtune")
 
 
-def _runner(name: str) -> Callable:
-    def run(config):
-        from sdtune import api  # deferred: torch/diffusers take seconds to import, --help should not
+# Runners import lazily: torch and diffusers take seconds to import, and `--help` should not wait.
+def _train(name: str) -> Callable:
+    def run(config) -> None:
+        from sdtune import api
 
-        return getattr(api, name)(config)
+        result = getattr(api, name)(config)
+        if result.outputs:  # the main process
+            speed = f", {result.steps_per_second:.2f} steps/s (steady state)" if result.steps_per_second else ""
+            print(f"done: {result.global_step} steps, final loss {result.final_loss:.4f}{speed}")
+            for kind, path in result.outputs.items():
+                print(f"  {kind}: {path}")
 
     return run
 
 
-# subcommand → (config class, runner, one-line description)
-TRAINERS: dict[str, tuple[type[TrainConfig], Callable, str]] = {
-    "train-lora": (LoRAConfig, _runner("train_lora"), "Train a LoRA (diffusers + kohya exports)."),
-    "train-dreambooth": (DreamBoothConfig, _runner("train_dreambooth"),
-                         "DreamBooth: full fine-tune (pipeline folder, single file) or --use_lora; prior preservation."),
-    "train-textual-inversion": (TextualInversionConfig, _runner("train_textual_inversion"),
-                                "Textual inversion: learn a new token's embedding (diffusers + A1111 files)."),
+def _generate(config: GenerateConfig) -> None:
+    from sdtune.sampling import run_generate
+
+    paths = run_generate(config)
+    print(f"wrote {len(paths)} image(s) to {config.output_dir}")
+
+
+def _push(config: PushConfig) -> None:
+    from sdtune.hub import push_to_hub
+
+    if not config.folder or not config.repo_id:
+        raise ConfigError("usage: sdtune push OUTPUT_DIR --repo_id me/my-model")
+    print(push_to_hub(config.folder, config.repo_id, private=config.private, revision=config.revision,
+                      commit_message=config.commit_message))
+
+
+@dataclass(frozen=True)
+class Command:
+    config_cls: type
+    run: Callable
+    description: str
+    positional: str | None = None  # a field also accepted as the first positional argument
+
+
+COMMANDS: dict[str, Command] = {
+    "train-lora": Command(LoRAConfig, _train("train_lora"), "Train a LoRA (diffusers + kohya exports); pivotal tuning."),
+    "train-dreambooth": Command(DreamBoothConfig, _train("train_dreambooth"),
+                                "DreamBooth: full fine-tune (pipeline folder, single file) or --use_lora; prior preservation."),
+    "train-textual-inversion": Command(TextualInversionConfig, _train("train_textual_inversion"),
+                                       "Textual inversion: learn a new token's embedding (diffusers + A1111 files)."),
+    "generate": Command(GenerateConfig, _generate, "Images from a base model plus a LoRA, embeddings or DreamBooth output."),
+    "push": Command(PushConfig, _push, "Upload an output folder to the Hugging Face Hub.", positional="folder"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdtune", description="Fine-tune Stable Diffusion.", allow_abbrev=False)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (config_cls, _, description) in TRAINERS.items():
-        sub = subparsers.add_parser(name, help=description, description=description, allow_abbrev=False,
+    for name, command in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=command.description, description=command.description, allow_abbrev=False,
                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        _add_common_flags(sub)
-        _add_config_flags(sub, config_cls)
+        sub.add_argument("--config", metavar="RECIPE.yaml", help="Recipe YAML; flags given here override its values.")
+        sub.add_argument("--print-config", "--print_config", action="store_true",
+                         help="Print the resolved config as YAML and exit.")
+        sub.add_argument("--debug", action="store_true", help="Show full tracebacks.")
+        _add_config_flags(sub, command)
     demo = subparsers.add_parser("demo", help="Offline quickstart: train a LoRA on a tiny model the package builds.",
                                  allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--output_dir", "--output-dir", default="sdtune-demo", help="Where the demo writes everything.")
@@ -53,17 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_common_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="RECIPE.yaml", help="Recipe YAML; flags given here override its values.")
-    parser.add_argument("--print-config", "--print_config", action="store_true",
-                        help="Print the resolved config as YAML and exit.")
-    parser.add_argument("--debug", action="store_true", help="Show full tracebacks.")
-
-
-def _add_config_flags(parser: argparse.ArgumentParser, config_cls: type[TrainConfig]) -> None:
-    group = parser.add_argument_group(f"{config_cls.__name__} options (recipe keys use the same names)")
-    for f in dataclasses.fields(config_cls):
-        default = f.default
+def _add_config_flags(parser: argparse.ArgumentParser, command: Command) -> None:
+    group = parser.add_argument_group(f"{command.config_cls.__name__} options (recipe keys use the same names)")
+    for f in dataclasses.fields(command.config_cls):
+        if f.name == command.positional:
+            parser.add_argument(f"_{f.name}", nargs="?", metavar=f.name.upper(), default=argparse.SUPPRESS,
+                                help=f.metadata["help"])
+        default = f.default if f.default is not dataclasses.MISSING else "required"
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {default})")
         if field_base_type(f) is bool:
@@ -73,21 +115,23 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_cls: type[TrainCon
         group.add_argument(*flags, **kwargs)
 
 
-def parse_config(command: str, argv: Sequence[str]) -> tuple[TrainConfig, argparse.Namespace]:
-    """Resolve recipe + flags for a training subcommand."""
-    config_cls = TRAINERS[command][0]
-    parser = build_parser()
-    args, unknown = parser.parse_known_args([command, *argv])
+def parse_config(command: str, argv: Sequence[str]):
+    """Resolve recipe + flags (+ positional) for a subcommand into its frozen config."""
+    spec = COMMANDS[command]
+    args, unknown = build_parser().parse_known_args([command, *argv])
+    names = [f.name for f in dataclasses.fields(spec.config_cls)]
     if unknown:
         flag = next((u for u in unknown if u.startswith("-")), unknown[0])
-        names = [f.name for f in dataclasses.fields(config_cls)]
         raise ConfigError(f"unknown option '{flag}'{did_you_mean(flag.lstrip('-').replace('-', '_'), names)}")
     values = load_recipe(args.config) if args.config else {}
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    for name, text in vars(args).items():
+    fields = {f.name: f for f in dataclasses.fields(spec.config_cls)}
+    given = vars(args)
+    if spec.positional and f"_{spec.positional}" in given:
+        values[spec.positional] = given[f"_{spec.positional}"]
+    for name, text in given.items():
         if name in fields:
             values[name] = parse_value(fields[name], text)
-    return build_config(config_cls, values, source=f"key in {args.config}" if args.config else "option"), args
+    return build_config(spec.config_cls, values, source=f"key in {args.config}" if args.config else "option"), args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,9 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     command = argv[0]
-    if command not in TRAINERS and command != "demo":
-        close = did_you_mean(command, [*TRAINERS, "demo"])
-        print(f"sdtune: error: unknown command '{command}'{close}; see sdtune --help", file=sys.stderr)
+    if command not in COMMANDS and command != "demo":
+        print(f"sdtune: error: unknown command '{command}'{did_you_mean(command, [*COMMANDS, 'demo'])}; see sdtune --help",
+              file=sys.stderr)
         return 2
     try:
         if command == "demo":
@@ -114,12 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print_config:
             print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
             return 0
-        result = TRAINERS[command][1](config)
-        if result.outputs:
-            speed = f", {result.steps_per_second:.2f} steps/s (steady state)" if result.steps_per_second else ""
-            print(f"done: {result.global_step} steps, final loss {result.final_loss:.4f}{speed}")
-            for kind, path in result.outputs.items():
-                print(f"  {kind}: {path}")
+        COMMANDS[command].run(config)
         return 0
     except SdtuneError as err:
         if debug:
@@ -127,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sdtune: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sdtune: interrupted; resume with --resume_from_checkpoint latest", file=sys.stderr)
+        print("sdtune: interrupted; resume training with --resume_from_checkpoint latest", file=sys.stderr)
         return 130
 
 

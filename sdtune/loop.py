@@ -27,7 +27,9 @@ from sdtune.data.cache import LatentCache, TextEmbeddingCache
 from sdtune.data.class_images import class_records, ensure_class_images
 from sdtune.data.dataset import BucketBatchSampler, TrainDataset, collate, prepare_samples
 from sdtune.data.sources import find_records
-from sdtune.errors import ConfigError, TrainingDiverged
+from sdtune.errors import ConfigError, SdtuneError, TrainingDiverged
+from sdtune.hub import push_to_hub
+from sdtune.model_card import write_model_card
 from sdtune.methods import Method
 from sdtune.models import Components, encode_text, load_components, tokenize
 from sdtune.optim import build_lr_scheduler, build_optimizer
@@ -73,6 +75,8 @@ class Trainer:
             raise ConfigError("--placeholder_token is required to learn a new token (e.g. --placeholder_token '<cat-toy>')")
         if config.with_prior_preservation and not (config.class_data_dir and config.class_prompt):
             raise ConfigError("--with_prior_preservation needs --class_data_dir FOLDER and --class_prompt 'a photo of dog'")
+        if config.push_to_hub and not config.hub_model_id:
+            raise ConfigError("--push_to_hub needs --hub_model_id, e.g. --hub_model_id me/sks-dog")
         if config.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
             raise ConfigError("--report_to wandb needs wandb: pip install 'sdtune[wandb]' (or use --report_to tensorboard)")
         self.config = config
@@ -358,14 +362,34 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def export(self) -> dict[str, Path]:
+        """Every format the method has, the model card, and the upload if asked; main process only."""
+        config = self.config
         outputs: dict[str, Path] = {}
+        push_error = None
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             outputs = self.method.export(self.components, self.output_dir)
             outputs["config"] = self.output_dir / CONFIG_FILE
+            outputs["model_card"] = write_model_card(
+                self.output_dir, method=self.method.card_type, base_model=str(config.pretrained_model_name_or_path),
+                instance_prompt=config.instance_prompt,
+                trigger_words=[config.placeholder_token] if config.placeholder_token else None,
+                training_settings=config.to_dict(), sample_images=self._last_validation_images(),
+                repo_id=config.hub_model_id,
+            )
             logger.info("wrote %s", ", ".join(str(p) for p in outputs.values()))
+            if config.push_to_hub:
+                try:
+                    push_to_hub(self.output_dir, config.hub_model_id, private=config.hub_private)
+                except SdtuneError as err:  # raised after the barrier, or the other processes would wait forever
+                    push_error = err
         self.accelerator.wait_for_everyone()
+        if push_error is not None:
+            raise push_error
         return outputs
+
+    def _last_validation_images(self) -> list[Path]:
+        return sorted((self.output_dir / "validation").glob(f"step{self.state.global_step:06d}-*.png"))
 
     def cleanup(self) -> None:
         accelerator = getattr(self, "accelerator", None)

@@ -68,3 +68,175 @@ def save_images(images: list[Image.Image], folder: Path, stem: str = "image") ->
         image.save(path)
         paths.append(path)
     return paths
+
+
+# ------------------------------------------------------------------------------------------ generate
+
+# name → (diffusers scheduler class, extra config)
+SCHEDULER_TABLE = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # as Stable Diffusion ships it
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "lms-karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "dpm++2m-sde-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+def make_scheduler(name: str, base_config):
+    """A diffusers scheduler by its common UI name, on the model's own noise schedule."""
+    import diffusers
+
+    class_name, extra = SCHEDULER_TABLE[name]
+    return getattr(diffusers, class_name).from_config(base_config, **extra)
+
+
+def png_parameters(prompt: str, config, seed: int, size: tuple[int, int]) -> str:
+    """Settings in AUTOMATIC1111's 'parameters' text, which A1111's PNG Info and many viewers read."""
+    lines = [prompt]
+    if config.negative_prompt:
+        lines.append(f"Negative prompt: {config.negative_prompt}")
+    fields = [f"Steps: {config.num_inference_steps}", f"Sampler: {config.scheduler}", f"CFG scale: {config.guidance_scale}",
+              f"Seed: {seed}", f"Size: {size[0]}x{size[1]}", f"Model: {config.pretrained_model_name_or_path}"]
+    if config.lora:
+        fields.append(f"LoRA: {config.lora} ({config.lora_scale})")
+    if config.init_image:
+        fields.append(f"Denoising strength: {config.strength}")
+    return "\n".join(lines + [", ".join(fields)])
+
+
+def run_generate(config) -> list[Path]:
+    """`sdtune generate`: load, add LoRA/embeddings, sample every prompt, save PNGs (+ grid). Returns the PNG paths."""
+    from PIL import PngImagePlugin
+
+    from sdtune.errors import ConfigError
+    from sdtune.models import load_components
+
+    prompts = _prompts(config)
+    if not config.pretrained_model_name_or_path:
+        raise ConfigError("--pretrained_model_name_or_path is required (a Hub id, a diffusers folder or a .safetensors file)")
+    cuda = torch.cuda.is_available()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32) if cuda else torch.float32
+    components = load_components(
+        config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant,
+        single_file_config=config.single_file_config, allow_pickle=config.allow_pickle, weight_dtype=dtype,
+    )
+    pipe = components.pipeline(scheduler=make_scheduler(config.scheduler, components.noise_scheduler.config))
+    pipe.to("cuda" if cuda else "cpu")
+    _add_lora(pipe, config)
+    _add_embeddings(pipe, config)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = (config.width or native, config.height or native)
+    init = _init_image(config, size)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths, images = [], []
+    for p, prompt in enumerate(prompts):
+        for i in range(config.num_images):
+            seed = config.seed + i
+            if init is not None and config.strength == 0:
+                image = init.copy()  # nothing to denoise: strength 0 keeps the init image
+            else:
+                image = _one_image(pipe, prompt, config, seed, size, init)
+            info = PngImagePlugin.PngInfo()
+            info.add_text("parameters", png_parameters(prompt, config, seed, size))
+            path = out / f"{p:03d}-{i:02d}-seed{seed}.png"
+            image.save(path, pnginfo=info)
+            paths.append(path)
+            images.append(image)
+    if config.grid and len(images) > 1:
+        make_grid(images, columns=config.num_images).save(out / "grid.png")
+    return paths
+
+
+def _one_image(pipe, prompt: str, config, seed: int, size: tuple[int, int], init) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    common = dict(negative_prompt=config.negative_prompt, num_inference_steps=config.num_inference_steps,
+                  guidance_scale=config.guidance_scale, generator=generator)
+    if init is None:
+        return pipe(prompt, height=size[1], width=size[0], **common).images[0]
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    return img2img(prompt, image=init, strength=config.strength, **common).images[0]
+
+
+def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
+    """A contact sheet: ``columns`` images per row."""
+    columns = max(1, min(columns, len(images)))
+    rows = -(-len(images) // columns)
+    w, h = images[0].size
+    grid = Image.new("RGB", (w * columns, h * rows), "white")
+    for i, image in enumerate(images):
+        grid.paste(image.resize((w, h)), ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+def _prompts(config) -> list[str]:
+    from sdtune.errors import ConfigError
+
+    if config.prompts_file:
+        path = Path(config.prompts_file)
+        if not path.is_file():
+            raise ConfigError(f"--prompts_file {path}: no such file")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise ConfigError(f"--prompts_file {path} holds no prompt (one per line)")
+        return prompts
+    if not config.prompt:
+        raise ConfigError("pass --prompt 'a photo of ...' or --prompts_file FILE")
+    return [config.prompt]
+
+
+def _add_lora(pipe, config) -> None:
+    if not config.lora:
+        return
+    from sdtune.errors import ConfigError
+
+    path = Path(config.lora)
+    if not path.exists():
+        raise ConfigError(f"--lora {path}: no such file or folder")
+    if path.is_file():
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="lora")
+    else:
+        pipe.load_lora_weights(str(path), adapter_name="lora")
+    pipe.set_adapters(["lora"], adapter_weights=[config.lora_scale])
+
+
+def _add_embeddings(pipe, config) -> None:
+    if not config.embedding:
+        return
+    from safetensors import safe_open
+
+    from sdtune.errors import ConfigError
+    from sdtune.export import LEARNED_EMBEDS_FILE
+
+    for item in (e.strip() for e in config.embedding.split(",") if e.strip()):
+        path = Path(item)
+        if path.is_dir():
+            path = path / LEARNED_EMBEDS_FILE
+        if not path.is_file():
+            raise ConfigError(f"--embedding {item}: no such file (pass a learned_embeds.safetensors, an A1111 embedding or their folder)")
+        with safe_open(str(path), "pt") as f:
+            token = None if list(f.keys()) != ["emb_params"] else (f.metadata() or {}).get("token", path.stem)
+        pipe.load_textual_inversion(str(path), token=token)  # A1111 files: the token is the file's name
+
+
+def _init_image(config, size: tuple[int, int]):
+    if not config.init_image:
+        return None
+    from sdtune.data.images import BadImage, open_rgb
+    from sdtune.errors import ConfigError
+
+    path = Path(config.init_image)
+    try:
+        return open_rgb(path.read_bytes(), str(path)).resize(size, Image.Resampling.LANCZOS)
+    except (OSError, BadImage) as err:
+        raise ConfigError(f"--init_image {path}: {err}") from None

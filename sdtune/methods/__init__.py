@@ -15,6 +15,7 @@ class Method(Protocol):
     """What the loop needs from a method; it never asks which method it runs."""
 
     default_caption: str | None  # caption of images that have none and no --instance_prompt
+    card_type: str  # "lora", "dreambooth" or "textual-inversion": the model card's tags and usage snippet
 
     @property
     def trains_text_encoder(self) -> bool:

@@ -22,6 +22,7 @@ SINGLE_FILE_NAME = "model.safetensors"
 
 class DreamBoothMethod:
     default_caption = None
+    card_type = "dreambooth"  # for the model card's tags and usage snippet
 
     def __init__(self, config: DreamBoothConfig):
         self.config = config

@@ -44,6 +44,7 @@ class LoRAMethod:
     """
 
     default_caption = None
+    card_type = "lora"  # for the model card's tags and usage snippet
 
     def __init__(self, config: LoRAConfig):
         self.config = config

@@ -41,6 +41,7 @@ class TextualInversionMethod:
         self.embeddings = NewTokenEmbeddings(config.placeholder_token, config.initializer_token, config.num_vectors)
 
     default_caption = TEMPLATE_CAPTION
+    card_type = "textual-inversion"
     trains_text_encoder = True  # its output changes, so captions cannot be cached
 
     def text_encoder_trains_at(self, step: int) -> bool:
