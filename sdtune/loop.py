@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from sdtune import checkpoint as ckpt
@@ -93,6 +93,9 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / config.logging_dir)),
         )
         self.weight_dtype = WEIGHT_DTYPES.get(self.accelerator.mixed_precision, torch.float32)
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED and (config.checkpointing_steps or config.resume_from_checkpoint):
+            # ZeRO partitions the optimizer state; sdtune's checkpoint format holds it whole.
+            raise ConfigError("resumable checkpoints are not supported under DeepSpeed yet; pass --checkpointing_steps 0")
         set_seed(config.seed)  # adapter initialisation draws from the global RNGs
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
