@@ -14,9 +14,8 @@ import yaml
 
 from sdtune.config import (
     DreamBoothConfig,
-    GenerateConfig,
     LoRAConfig,
-    PushConfig,
+
     TextualInversionConfig,
     build_config,
     did_you_mean,
@@ -25,6 +24,7 @@ from sdtune.config import (
     parse_value,
 )
 from sdtune.errors import ConfigError, SdtuneError
+from sdtune.command_configs import GenerateConfig, PushConfig
 
 logger = logging.getLogger("sdtune")
 

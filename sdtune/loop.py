@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from sdtune import checkpoint as ckpt
 from sdtune import diffusion
 from sdtune.config import TrainConfig
-from sdtune.data.cache import LatentCache, TextEmbeddingCache
-from sdtune.data.class_images import class_records, ensure_class_images
-from sdtune.data.dataset import BucketBatchSampler, TrainDataset, collate, prepare_samples
+from sdtune.data.cache import TextEmbeddingCache
+from sdtune.data.class_images import ensure_class_images
+from sdtune.data.training_data import build_training_data
 from sdtune.data.sources import find_records
 from sdtune.errors import ConfigError, SdtuneError, TrainingDiverged
 from sdtune.hub import push_to_hub
@@ -138,47 +138,14 @@ class Trainer:
                 self.components.text_encoder.gradient_checkpointing_enable()
 
     def _setup_data(self, records) -> None:
-        config, accelerator, components = self.config, self.accelerator, self.components
-        placement = dict(
-            resolution=config.resolution, center_crop=config.center_crop, enable_bucket=config.enable_bucket,
-            min_bucket_reso=config.min_bucket_reso, max_bucket_reso=config.max_bucket_reso,
-            bucket_reso_steps=config.bucket_reso_steps, bucket_no_upscale=config.bucket_no_upscale, seed=config.seed,
-        )
-        samples = prepare_samples(records, instance_prompt=config.instance_prompt or self.method.default_caption,
-                                  source=config.instance_data_dir or config.train_data_dir or config.dataset_name, **placement)
-        companions = []
-        if config.with_prior_preservation:  # class images: data with their own loss weight
-            class_samples = prepare_samples(
-                class_records(config.class_data_dir, config.class_prompt, config.num_class_images, config.prior_loss_weight),
-                source=config.class_data_dir, **placement)
-            companions = list(range(len(samples), len(samples) + len(class_samples)))
-            samples = samples + class_samples
-        latents = None
-        if config.cache_latents:
-            latents = LatentCache(fingerprint=components.fingerprint, dtype=components.vae.dtype,
-                                  resolution=config.resolution, cache_dir=config.cache_dir)
-            flips = (False, True) if config.random_flip else (False,)
-            latents.build(samples, flips, components.vae, accelerator, config.vae_batch_size)
+        config = self.config
+        data = build_training_data(config, records, self.components, self.accelerator,
+                                   default_caption=self.method.default_caption, caption_transform=self.method.transform_caption)
+        self.sampler, self.dataloader, self.num_samples = data.sampler, data.dataloader, data.num_instance
         self.text_cache = None
         if config.cache_text_embeddings and not self.method.trains_text_encoder:
             self.text_cache = TextEmbeddingCache(self._encode_captions)
-            self.text_cache.prefill([s.caption for s in samples] + [""] * (config.caption_dropout_rate > 0))
-        dataset = TrainDataset(
-            samples, latents=latents, random_flip=config.random_flip, shuffle_caption=config.shuffle_caption,
-            keep_tokens=config.keep_tokens, caption_dropout_rate=config.caption_dropout_rate, seed=config.seed,
-            caption_transform=self.method.transform_caption,
-        )
-        self.sampler = BucketBatchSampler(
-            [s.bucket for s in samples], config.train_batch_size, num_processes=accelerator.num_processes,
-            process_index=accelerator.process_index, seed=config.seed, companions=companions,
-        )
-        # Not passed to accelerator.prepare: the sampler already gives each process its slice of
-        # every global batch, which makes N processes equal one and resume exact.
-        self.dataloader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=config.dataloader_num_workers,
-            pin_memory=accelerator.device.type == "cuda",
-        )
-        self.num_samples = len(samples) - len(companions)
+            self.text_cache.prefill([s.caption for s in data.samples] + [""] * (config.caption_dropout_rate > 0))
 
     def _setup_optimizer(self) -> None:
         config, accelerator = self.config, self.accelerator

@@ -8,7 +8,7 @@ from PIL import Image
 
 from sdtune import DreamBoothConfig, TextualInversionConfig, train_dreambooth, train_lora, train_textual_inversion
 from sdtune.cli import main
-from sdtune.config import SCHEDULERS, GenerateConfig
+from sdtune.command_configs import SCHEDULERS, GenerateConfig
 from sdtune.errors import ConfigError
 from sdtune.sampling import run_generate
 

@@ -1,11 +1,11 @@
-"""Speed and memory of `sdtune train-lora` with caching on, against the same loop re-encoding every step.
+"""Speed and memory of sdtune's trainers with caching on, against the same loop re-encoding every step.
 
-Each configuration runs as its own `python -m sdtune train-lora` process, so the whole-process
+Each configuration runs as its own `python -m sdtune train-...` process, so the whole-process
 time includes imports, model loading and cache building. For every model both modes run in
 the same invocation, on the same data and seed:
 
-    python benchmarks/train_lora_speed.py                       # tiny and small models, 64 px
-    python benchmarks/train_lora_speed.py --steps 100 --models small
+    python benchmarks/train_speed.py                                   # LoRA, tiny and small models, 64 px
+    python benchmarks/train_speed.py --method dreambooth --models small  # full fine-tune with prior preservation
 
 Prints a Markdown table (paste it into benchmarks/README.md). Columns:
   - steps/s: steady-state optimizer steps per second (first step excluded)
@@ -39,8 +39,17 @@ MODES = {
 }
 
 
-def run_once(model: Path, data: Path, out: Path, steps: int, batch_size: int, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "sdtune", "train-lora", "--pretrained_model_name_or_path", str(model),
+METHODS = {
+    "lora": ["train-lora"],
+    # class images are drawn up front (not generated) so both modes time training alone
+    "dreambooth": ["train-dreambooth", "--with_prior_preservation", "--class_prompt", "a shape", "--num_class_images", "32",
+                   "--instance_prompt", "a sks shape", "--learning_rate", "1e-5"],
+}
+
+
+def run_once(model: Path, data: Path, out: Path, steps: int, batch_size: int, method: list[str], extra: list[str]) -> dict:
+    """One `python -m sdtune <method...> <extra...>` process: steady steps/s, wall time, peak RSS."""
+    cmd = [sys.executable, "-m", "sdtune", *method, "--pretrained_model_name_or_path", str(model),
            "--instance_data_dir", str(data), "--output_dir", str(out), "--resolution", "64",
            "--train_batch_size", str(batch_size), "--max_train_steps", str(steps), "--checkpointing_steps", "0",
            "--report_to", "none", "--random_flip", "--seed", "0", *extra]
@@ -58,6 +67,7 @@ def run_once(model: Path, data: Path, out: Path, steps: int, batch_size: int, ex
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="lora", choices=list(METHODS))
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch_size", type=int, default=4)
@@ -66,8 +76,12 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="sdtune-bench-"))
     data = render_shape_dataset(work / "data", num_images=args.images)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; python {platform.python_version()}; "
-          f"{args.steps} steps, batch {args.batch_size}, {args.images} images, 64 px\n")
+    method = list(METHODS[args.method])
+    if args.method == "dreambooth":
+        classes = render_shape_dataset(work / "class", num_images=32, shape="circle", color="green", caption="a shape")
+        method += ["--class_data_dir", str(classes)]
+    print(f"{args.method}; machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+          f"python {platform.python_version()}; {args.steps} steps, batch {args.batch_size}, {args.images} images, 64 px\n")
     print("| model | UNet params | mode | steps/s | speed-up | process s | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|")
     for name in args.models:
@@ -76,7 +90,7 @@ def main() -> None:
         from diffusers import UNet2DConditionModel
 
         params = sum(p.numel() for p in UNet2DConditionModel.from_pretrained(model, subfolder="unet").parameters())
-        results = {mode: run_once(model, data, work / f"out-{name}-{i}", args.steps, args.batch_size, extra)
+        results = {mode: run_once(model, data, work / f"out-{name}-{i}", args.steps, args.batch_size, method, extra)
                    for i, (mode, extra) in enumerate(MODES.items())}
         baseline = results["uncached baseline"]["steps_per_s"]
         for mode, r in results.items():
