@@ -310,3 +310,15 @@ def test_text_embedding_cache_encodes_each_caption_once():
     assert calls == [["a", "bb"], ["ccc"]]
     cache(["ccc", "a"])
     assert len(calls) == 2
+
+
+def test_vae_out_of_memory_while_caching_suggests_a_smaller_batch(shapes_dir, components, monkeypatch):
+    from sdtune.errors import SdtuneError
+
+    def out_of_memory(pixels):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(components.vae, "encode", out_of_memory)
+    cache = LatentCache(fingerprint="f", dtype=torch.float32, resolution=64)
+    with pytest.raises(SdtuneError, match="ran out of memory caching 4 images at once; pass a smaller --vae_batch_size"):
+        cache.build(_samples(shapes_dir), (False,), components.vae, _SingleProcess(), batch_size=4)
