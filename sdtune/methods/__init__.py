@@ -44,3 +44,13 @@ class Method(Protocol):
 
     def export(self, components: Components, output_dir: Path) -> dict[str, Path]:
         """Write every output format; return {format name: path}."""
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP / torch.compile wrapper."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)

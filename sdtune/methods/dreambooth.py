@@ -14,7 +14,7 @@ from diffusers.training_utils import EMAModel
 
 from sdtune.config import DreamBoothConfig
 from sdtune.export import save_precision_dtype
-from sdtune.methods.lora import _trainable, _unwrap
+from sdtune.methods import trainable_parameters, unwrap_model
 from sdtune.models import Components
 
 SINGLE_FILE_NAME = "model.safetensors"
@@ -42,11 +42,11 @@ class DreamBoothMethod:
     def prepare(self, components: Components) -> list[dict]:
         # Trained weights are fp32 masters whatever the mixed precision; frozen parts keep the weight dtype.
         components.unet.to(torch.float32).requires_grad_(True).train()
-        groups = [{"params": _trainable(components.unet), "lr": self.config.learning_rate}]
+        groups = [{"params": trainable_parameters(components.unet), "lr": self.config.learning_rate}]
         if self.config.train_text_encoder:
             components.text_encoder.to(torch.float32).requires_grad_(True).train()
             lr = self.config.text_encoder_lr if self.config.text_encoder_lr is not None else self.config.learning_rate
-            groups.append({"params": _trainable(components.text_encoder), "lr": lr})
+            groups.append({"params": trainable_parameters(components.text_encoder), "lr": lr})
         if self.config.use_ema:
             unet = components.unet
             self.ema = EMAModel(unet.parameters(), decay=self.config.ema_decay, model_cls=UNet2DConditionModel,
@@ -59,12 +59,12 @@ class DreamBoothMethod:
 
     def after_step(self, components: Components) -> None:
         if self.ema is not None:
-            self.ema.step(_unwrap(components.unet).parameters())
+            self.ema.step(unwrap_model(components.unet).parameters())
 
     def state_dict(self, components: Components) -> dict[str, torch.Tensor]:
-        state = {f"unet.{k}": v for k, v in _unwrap(components.unet).state_dict().items()}
+        state = {f"unet.{k}": v for k, v in unwrap_model(components.unet).state_dict().items()}
         if self.config.train_text_encoder:
-            state.update({f"text_encoder.{k}": v for k, v in _unwrap(components.text_encoder).state_dict().items()})
+            state.update({f"text_encoder.{k}": v for k, v in unwrap_model(components.text_encoder).state_dict().items()})
         if self.ema is not None:
             state.update({f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)})
             state["ema.optimization_step"] = torch.tensor(self.ema.optimization_step)
@@ -74,7 +74,7 @@ class DreamBoothMethod:
         for prefix, model in (("unet.", components.unet), ("text_encoder.", components.text_encoder)):
             part = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
             if part:
-                _unwrap(model).load_state_dict(part)
+                unwrap_model(model).load_state_dict(part)
         if self.ema is not None:
             for i, shadow in enumerate(self.ema.shadow_params):
                 shadow.copy_(state_dict[f"ema.{i}"])
@@ -85,11 +85,11 @@ class DreamBoothMethod:
 
         Export is the last thing a run does: the weights are cast to --save_precision in place.
         """
-        unet = _unwrap(components.unet)
+        unet = unwrap_model(components.unet)
         if self.ema is not None:
             self.ema.copy_to(unet.parameters())
         dtype = save_precision_dtype(self.config.save_precision)
-        text_encoder = _unwrap(components.text_encoder)
+        text_encoder = unwrap_model(components.text_encoder)
         for module in (unet, text_encoder, components.vae):
             module.to(dtype)
         pipe = components.pipeline()

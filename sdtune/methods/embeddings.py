@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from sdtune.errors import ConfigError
+from sdtune.methods import unwrap_model
 from sdtune.models import Components
 
 
@@ -63,7 +64,7 @@ class NewTokenEmbeddings:
 
     def restore_frozen_rows(self, text_encoder) -> None:
         """Undo what weight decay and Adam did to every row that is not ours."""
-        weight = _unwrap(text_encoder).get_input_embeddings().weight
+        weight = unwrap_model(text_encoder).get_input_embeddings().weight
         with torch.no_grad():
             weight[self._frozen_rows] = self._original[self._frozen_rows]
 
@@ -75,12 +76,8 @@ class NewTokenEmbeddings:
 
     def vectors(self, text_encoder) -> torch.Tensor:
         """The learned rows. [num_vectors, dim]"""
-        return _unwrap(text_encoder).get_input_embeddings().weight[self.token_ids].detach().float().cpu()
+        return unwrap_model(text_encoder).get_input_embeddings().weight[self.token_ids].detach().float().cpu()
 
     def load_vectors(self, text_encoder, vectors: torch.Tensor) -> None:
         with torch.no_grad():
-            _unwrap(text_encoder).get_input_embeddings().weight[self.token_ids] = vectors.to(self._original.device)
-
-
-def _unwrap(model):
-    return getattr(model, "module", model)
+            unwrap_model(text_encoder).get_input_embeddings().weight[self.token_ids] = vectors.to(self._original.device)

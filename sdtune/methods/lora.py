@@ -13,6 +13,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from sdtune.config import LoRAConfig
 from sdtune.export import DIFFUSERS_LORA_FILE, kohya_embedding_bundle, save_kohya_lora, save_learned_embeds
+from sdtune.methods import trainable_parameters, unwrap_model
 from sdtune.methods.embeddings import NewTokenEmbeddings
 from sdtune.models import Components
 
@@ -82,10 +83,10 @@ class LoRAMethod:
         # fp16/bf16 runs keep the frozen base in the weight dtype; trained weights must be fp32
         # or the grad scaler fails ("Attempting to unscale FP16 gradients").
         cast_training_params(models, dtype=torch.float32)
-        groups = [{"params": _trainable(components.unet), "lr": self.config.learning_rate}]
+        groups = [{"params": trainable_parameters(components.unet), "lr": self.config.learning_rate}]
         if self.config.train_text_encoder:
             lr = self.config.text_encoder_lr if self.config.text_encoder_lr is not None else self.config.learning_rate
-            groups.append({"params": [p for p in _trainable(components.text_encoder) if p is not embedding_weight], "lr": lr})
+            groups.append({"params": [p for p in trainable_parameters(components.text_encoder) if p is not embedding_weight], "lr": lr})
         if embedding_weight is not None:
             groups.append({"params": [embedding_weight], "lr": self.config.text_embeddings_lr})
         return groups
@@ -98,9 +99,9 @@ class LoRAMethod:
             self.embeddings.restore_frozen_rows(components.text_encoder)
 
     def state_dict(self, components: Components) -> dict[str, torch.Tensor]:
-        state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(_unwrap(components.unet)).items()}
+        state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unwrap_model(components.unet)).items()}
         if self.config.train_text_encoder:
-            te = get_peft_model_state_dict(_unwrap(components.text_encoder), save_embedding_layers=False)
+            te = get_peft_model_state_dict(unwrap_model(components.text_encoder), save_embedding_layers=False)
             state.update({f"text_encoder.{k}": v for k, v in te.items()})
         if self.embeddings is not None:
             state["text_embeddings"] = self.embeddings.vectors(components.text_encoder)
@@ -112,16 +113,16 @@ class LoRAMethod:
         for prefix, model in (("unet.", components.unet), ("text_encoder.", components.text_encoder)):
             part = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
             if part:
-                result = set_peft_model_state_dict(_unwrap(model), part, adapter_name=ADAPTER_NAME)
+                result = set_peft_model_state_dict(unwrap_model(model), part, adapter_name=ADAPTER_NAME)
                 unexpected = getattr(result, "unexpected_keys", None)
                 if unexpected:
                     raise RuntimeError(f"checkpoint holds LoRA weights the model lacks: {unexpected[:3]}")
 
     def lora_state_dicts(self, components: Components):
-        unet = get_peft_model_state_dict(_unwrap(components.unet))
+        unet = get_peft_model_state_dict(unwrap_model(components.unet))
         te = None
         if self.config.train_text_encoder:
-            te = get_peft_model_state_dict(_unwrap(components.text_encoder), save_embedding_layers=False)
+            te = get_peft_model_state_dict(unwrap_model(components.text_encoder), save_embedding_layers=False)
         return unet, te
 
     def export(self, components: Components, output_dir: Path) -> dict[str, Path]:
@@ -160,13 +161,3 @@ def kohya_metadata(components: Components, config: LoRAConfig) -> dict[str, str]
         "ss_base_model_version": version, "ss_v2": str(v2), "ss_sd_model_name": str(config.pretrained_model_name_or_path),
         "ss_output_name": Path(config.output_dir).name, "ss_network_module": "networks.lora",
     }
-
-
-def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DDP / torch.compile wrapper."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
