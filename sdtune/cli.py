@@ -24,7 +24,7 @@ from sdtune.config import (
     parse_value,
 )
 from sdtune.errors import ConfigError, SdtuneError
-from sdtune.command_configs import GenerateConfig, PushConfig
+from sdtune.command_configs import CaptionConfig, GenerateConfig, PushConfig
 
 logger = logging.getLogger("sdtune")
 
@@ -60,6 +60,19 @@ def _push(config: PushConfig) -> None:
                       commit_message=config.commit_message))
 
 
+def _caption(config: CaptionConfig) -> None:
+    from sdtune.captioning import caption_images
+
+    accelerator = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch: split the images across processes
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+    summary = caption_images(config, accelerator)
+    if accelerator is None or accelerator.is_main_process:
+        print(f"captioned {summary.captioned}, skipped {summary.skipped} (already captioned), failed {summary.failed}")
+
+
 @dataclass(frozen=True)
 class Command:
     config_cls: type
@@ -74,6 +87,7 @@ COMMANDS: dict[str, Command] = {
                                 "DreamBooth: full fine-tune (pipeline folder, single file) or --use_lora; prior preservation."),
     "train-textual-inversion": Command(TextualInversionConfig, _train("train_textual_inversion"),
                                        "Textual inversion: learn a new token's embedding (diffusers + A1111 files)."),
+    "caption": Command(CaptionConfig, _caption, "Caption images with BLIP-2 / BLIP / InstructBLIP.", positional="data_dir"),
     "generate": Command(GenerateConfig, _generate, "Images from a base model plus a LoRA, embeddings or DreamBooth output."),
     "push": Command(PushConfig, _push, "Upload an output folder to the Hugging Face Hub.", positional="folder"),
 }

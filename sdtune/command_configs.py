@@ -1,4 +1,4 @@
-"""Configs of the commands that do not train: generate and push (no torch import, so --help stays fast)."""
+"""Configs of the commands that do not train: generate, push, caption (no torch import, so --help stays fast)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from sdtune.config import check_type, option
+from sdtune.errors import ConfigError
+
+DEFAULT_CAPTION_MODEL = "Salesforce/blip2-opt-2.7b"
 
 SCHEDULERS = ("ddim", "pndm", "euler", "euler-a", "heun", "lms", "lms-karras", "dpm++2m", "dpm++2m-karras",
               "dpm++2m-sde", "dpm++2m-sde-karras", "unipc")
@@ -75,6 +78,54 @@ class PushConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             check_type(f, getattr(self, f.name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    """Options of `sdtune caption` (and of captioning missing captions before training)."""
+
+    data_dir: str | None = option(None, "Image folder to caption (searched recursively).")
+    model: str = option(DEFAULT_CAPTION_MODEL, "Captioning model: a Hub id or a local folder (BLIP-2, BLIP or InstructBLIP).")
+    prompt: str | None = option(
+        None, "Conditioning prompt, e.g. 'a photo of' (InstructBLIP: the instruction; default: a captioning instruction)."
+    )
+    prefix: str = option("", "Text put before every caption, e.g. 'photo of sks dog,' (a space is added).")
+    suffix: str = option("", "Text put after every caption, e.g. ', high quality'.")
+    batch_size: int = option(8, "Images per generate call.")
+    max_new_tokens: int = option(40, "Longest caption, in tokens.")
+    num_beams: int = option(1, "Beam-search width (1: greedy).")
+    min_length: int = option(0, "Shortest caption, in generated tokens.")
+    output_format: Literal["txt", "jsonl"] = option(
+        "txt", "txt: a caption file beside each image (kohya); jsonl: metadata.jsonl (HF imagefolder)."
+    )
+    caption_extension: str = option(".txt", "Extension of caption files beside images.")
+    overwrite: bool = option(False, "Also recaption images that have a caption (default: skip them, which resumes a killed run).")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = option(
+        None, "Model dtype on a GPU (default: accelerate's setting, else fp16). A CPU always runs fp32."
+    )
+    load_in_8bit: bool = option(False, "Load the model in 8 bits (bitsandbytes, CUDA only).")
+    load_in_4bit: bool = option(False, "Load the model in 4 bits (bitsandbytes, CUDA only).")
+    allow_pickle: bool = option(False, "Allow loading pickle weights (.bin). Only for files you trust.")
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_new_tokens", "num_beams"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.min_length < 0 or self.min_length > self.max_new_tokens:
+            raise ConfigError(f"--min_length must be between 0 and --max_new_tokens ({self.max_new_tokens}), "
+                              f"got {self.min_length}")
+        for name, choices in (("output_format", ("txt", "jsonl")), ("mixed_precision", ("no", "fp16", "bf16", None))):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"--{name} must be one of {', '.join(map(str, choices))}, got {getattr(self, name)!r}")
+        if not self.data_dir or not self.model:
+            raise ConfigError("--data_dir and --model must not be empty")
+        if not self.caption_extension.startswith("."):
+            raise ConfigError(f"--caption_extension must start with a dot, e.g. .txt, got {self.caption_extension!r}")
+        if self.load_in_8bit and self.load_in_4bit:
+            raise ConfigError("--load_in_8bit and --load_in_4bit exclude each other; pick one")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -56,6 +56,8 @@ class TrainConfig:
     caption_column: str = option("text", "Caption column of --dataset_name or metadata.jsonl.")
     caption_extension: str = option(".txt", "Extension of caption files beside images.")
     instance_prompt: str | None = option(None, "Caption for images that have none (e.g. 'a photo of sks dog').")
+    caption_missing: bool = option(False, "Caption images that have no caption with --caption_model before training (written beside them).")
+    caption_model: str = option("Salesforce/blip2-opt-2.7b", "BLIP-2 / BLIP / InstructBLIP model for --caption_missing.")
     resolution: int = option(512, "Training resolution (square side, or bucket area side with --enable_bucket).")
     center_crop: bool = option(False, "Crop the centre (default: a random crop, chosen once per image when latents are cached).")
     random_flip: bool = option(False, "Flip images horizontally at random (both flips are cached).")

@@ -100,8 +100,11 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.output_dir / CONFIG_FILE)
+        data_dir = config.instance_data_dir or config.train_data_dir
+        if config.caption_missing:
+            self._caption_missing(data_dir)
         records = find_records(  # before loading the model: a wrong folder should fail in a second, not a minute
-            instance_data_dir=config.instance_data_dir or config.train_data_dir, dataset_name=config.dataset_name,
+            instance_data_dir=data_dir, dataset_name=config.dataset_name,
             dataset_config_name=config.dataset_config_name, image_column=config.image_column,
             caption_column=config.caption_column, caption_extension=config.caption_extension,
         )
@@ -113,6 +116,16 @@ class Trainer:
             self._resume()
         if config.report_to != "none" and self.accelerator.is_main_process:
             self.accelerator.init_trackers(config.tracker_project_name, config=_tracker_config(config))
+
+    def _caption_missing(self, data_dir: str | None) -> None:
+        """Caption the images that have none (shared across processes), then free the captioner before training."""
+        from sdtune.captioning import caption_missing_images
+
+        if not data_dir or not Path(data_dir).is_dir():
+            raise ConfigError("--caption_missing captions an image folder: pass --instance_data_dir FOLDER")
+        output_format = "jsonl" if (Path(data_dir) / "metadata.jsonl").is_file() else "txt"
+        caption_missing_images(data_dir, self.config.caption_model, accelerator=self.accelerator, output_format=output_format,
+                               caption_extension=self.config.caption_extension)
 
     def _setup_model(self) -> None:
         config = self.config

@@ -80,7 +80,7 @@ def prepare_samples(
     if uncaptioned:
         raise DataError(
             f"{len(uncaptioned)} image(s) have no caption (first: {uncaptioned[0]}); "
-            "add a .txt caption beside each image or pass --instance_prompt"
+            "add a .txt caption beside each image, pass --instance_prompt, or caption them with --caption_missing"
         )
     if not samples:
         raise DataError(f"{source} has no usable image (looked for {', '.join(('.png', '.jpg', '.webp', '...'))})")
