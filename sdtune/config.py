@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import types
 import typing
@@ -202,6 +203,25 @@ class DreamBoothConfig(LoRAConfig):
     save_precision: Literal["fp32", "fp16", "bf16"] = option("fp16", "Precision of the exported weights.")
 
     method: typing.ClassVar[str] = "dreambooth"
+
+
+def check_ready_to_train(config: TrainConfig) -> None:
+    """What a run needs beyond valid values: options that go together, packages that must be installed.
+
+    Raises:
+        ConfigError: one line naming the missing option or package.
+    """
+    if not config.pretrained_model_name_or_path:
+        raise ConfigError("--pretrained_model_name_or_path is required (a Hub id, a diffusers folder or a .safetensors file)")
+    needs_token = config.method == "textual_inversion" or getattr(config, "train_text_embeddings", False)
+    if needs_token and not config.placeholder_token:
+        raise ConfigError("--placeholder_token is required to learn a new token (e.g. --placeholder_token '<cat-toy>')")
+    if config.with_prior_preservation and not (config.class_data_dir and config.class_prompt):
+        raise ConfigError("--with_prior_preservation needs --class_data_dir FOLDER and --class_prompt 'a photo of dog'")
+    if config.push_to_hub and not config.hub_model_id:
+        raise ConfigError("--push_to_hub needs --hub_model_id, e.g. --hub_model_id me/sks-dog")
+    if config.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("--report_to wandb needs wandb: pip install 'sdtune[wandb]' (or use --report_to tensorboard)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ def peft_to_kohya(state_dict: dict[str, torch.Tensor], prefix: str, alpha: float
             magnitudes[name] = tensor
     for name, magnitude in magnitudes.items():
         weight_ndim = out[name + ".lora_down.weight"].ndim  # 2 for linear, 4 for conv
-        out[name + ".dora_scale"] = magnitude.reshape(magnitude.shape[0], *([1] * (weight_ndim - 1))).contiguous()
+        # peft keeps [out] for linear and [1, out, 1, 1] for conv layers
+        out[name + ".dora_scale"] = magnitude.reshape(-1, *([1] * (weight_ndim - 1))).contiguous()
     return out
 
 
@@ -113,6 +114,17 @@ def save_a1111_embedding(output_dir: str | Path, token: str, vectors: torch.Tens
     return atomic_save_file({"emb_params": vectors}, Path(output_dir) / f"{name}.safetensors", {"name": name, "token": token})
 
 
+BUNDLE_PREFIX = "bundle_emb."
+BUNDLE_TOKENS_METADATA = "sdtune_bundle_tokens"  # {bundle name: the token it was trained as}
+
+
 def kohya_embedding_bundle(token: str, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
     """Embeddings inside a kohya LoRA file, as A1111 (1.7+), ComfyUI and OneTrainer read them."""
-    return {f"bundle_emb.{a1111_embedding_name(token)}.string_to_param.*": vectors}
+    return {f"{BUNDLE_PREFIX}{a1111_embedding_name(token)}.string_to_param.*": vectors}
+
+
+def split_embedding_bundle(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(LoRA tensors, {bundle name: vectors}) of a kohya file; diffusers' LoRA loader rejects bundle keys."""
+    lora = {k: v for k, v in state_dict.items() if not k.startswith(BUNDLE_PREFIX)}
+    bundles = {k[len(BUNDLE_PREFIX):].split(".")[0]: v for k, v in state_dict.items() if k.startswith(BUNDLE_PREFIX)}
+    return lora, bundles

@@ -7,7 +7,6 @@ The loop never asks which method it runs.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import time
@@ -22,14 +21,14 @@ from tqdm.auto import tqdm
 
 from sdtune import checkpoint as ckpt
 from sdtune import diffusion
-from sdtune.config import TrainConfig
+from sdtune.config import TrainConfig, check_ready_to_train
 from sdtune.data.cache import TextEmbeddingCache
 from sdtune.data.class_images import ensure_class_images
 from sdtune.data.training_data import build_training_data
 from sdtune.data.sources import find_records
-from sdtune.errors import ConfigError, SdtuneError, TrainingDiverged
+from sdtune.errors import ConfigError, TrainingDiverged
 from sdtune.hub import push_to_hub
-from sdtune.model_card import write_model_card
+from sdtune.model_card import write_training_card
 from sdtune.methods import Method
 from sdtune.models import Components, encode_text, load_components, tokenize
 from sdtune.optim import build_lr_scheduler, build_optimizer
@@ -68,17 +67,7 @@ def train(config: TrainConfig, method: Method) -> TrainResult:
 
 class Trainer:
     def __init__(self, config: TrainConfig, method: Method):
-        if not config.pretrained_model_name_or_path:
-            raise ConfigError("--pretrained_model_name_or_path is required (a Hub id, a diffusers folder or a .safetensors file)")
-        needs_token = config.method == "textual_inversion" or getattr(config, "train_text_embeddings", False)
-        if needs_token and not config.placeholder_token:
-            raise ConfigError("--placeholder_token is required to learn a new token (e.g. --placeholder_token '<cat-toy>')")
-        if config.with_prior_preservation and not (config.class_data_dir and config.class_prompt):
-            raise ConfigError("--with_prior_preservation needs --class_data_dir FOLDER and --class_prompt 'a photo of dog'")
-        if config.push_to_hub and not config.hub_model_id:
-            raise ConfigError("--push_to_hub needs --hub_model_id, e.g. --hub_model_id me/sks-dog")
-        if config.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
-            raise ConfigError("--report_to wandb needs wandb: pip install 'sdtune[wandb]' (or use --report_to tensorboard)")
+        check_ready_to_train(config)
         self.config = config
         self.method = method
         self.output_dir = Path(config.output_dir)
@@ -169,6 +158,9 @@ class Trainer:
         optimizer = build_optimizer(config, self.param_groups)
         self.lr_scheduler = build_lr_scheduler(config, optimizer)
         models = self.method.trained_models(self.components)
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # accelerate reads the micro batch from a prepared DataLoader; ours is not prepared (see _setup_data)
+            accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
         prepared = accelerator.prepare(*models, optimizer)
         self.models, self.optimizer = list(prepared[:-1]), prepared[-1]
         # The DDP/autocast wrappers of trained models run the forward pass; frozen models run bare.
@@ -184,6 +176,7 @@ class Trainer:
             return
         self.state, trained = ckpt.load_checkpoint(path, self.optimizer, self.lr_scheduler, self.accelerator.scaler)
         self.method.load_state_dict(self.components, trained)
+        self._stop_finished_groups()
         logger.info("resumed from %s at step %d", path, self.state.global_step)
 
     # ------------------------------------------------------------------ train
@@ -215,6 +208,7 @@ class Trainer:
             self.lr_scheduler.step()
             self.method.after_step(self.components)
             self.state.global_step += 1
+            self._stop_finished_groups()
             pending.append(step_loss)
             progress.update(1)
             step = self.state.global_step
@@ -233,6 +227,16 @@ class Trainer:
             steps_per_second = (self.state.global_step - first_step - 1) / (time.perf_counter() - timer)
         outputs = self.export()
         return TrainResult(self.output_dir, outputs, self.state.global_step, list(self.state.loss_history), steps_per_second)
+
+    def _stop_finished_groups(self) -> None:
+        """Parameter groups a method stopped (e.g. --stop_text_encoder_training) get lr 0 from now on.
+
+        Through the schedule's base lr, so the scheduler keeps it at 0; with lr 0 AdamW moves
+        nothing, not even by weight decay or momentum, whether grads are None or zero.
+        """
+        for index in self.method.stopped_param_groups(self.state.global_step):
+            self.lr_scheduler.base_lrs[index] = 0.0
+            self.optimizer.param_groups[index]["lr"] = 0.0
 
     def training_step(self, batch: dict, micro_step: int) -> torch.Tensor:
         """Loss of one batch. Every random draw comes from (seed, micro_step), drawn for the global batch."""
@@ -330,11 +334,18 @@ class Trainer:
     def validate(self) -> None:
         if self.accelerator.is_main_process:
             config = self.config
-            images = sample_images(
-                self.components, config.validation_prompt, num_images=config.num_validation_images, seed=config.seed,
-                resolution=config.resolution, num_inference_steps=config.validation_inference_steps,
-                autocast=self.accelerator.autocast,
-            )
+            modes = {module: module.training for module in (self.components.unet, self.components.text_encoder)}
+            for module in modes:
+                module.eval()  # no LoRA dropout in the images
+            try:
+                images = sample_images(
+                    self.components, config.validation_prompt, num_images=config.num_validation_images, seed=config.seed,
+                    resolution=config.resolution, num_inference_steps=config.validation_inference_steps,
+                    autocast=self.accelerator.autocast,
+                )
+            finally:
+                for module, training in modes.items():
+                    module.train(training)
             save_images(images, self.output_dir / "validation", stem=f"step{self.state.global_step:06d}")
             for tracker in self.accelerator.trackers:
                 if tracker.name == "tensorboard":
@@ -345,34 +356,24 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def export(self) -> dict[str, Path]:
-        """Every format the method has, the model card, and the upload if asked; main process only."""
+        """Every format the method has and the model card (main process), then the upload if asked.
+
+        The upload runs after the last barrier: other processes return instead of waiting on a
+        collective, which would time out (NCCL's 10 minutes) during a long upload.
+        """
         config = self.config
         outputs: dict[str, Path] = {}
-        push_error = None
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             outputs = self.method.export(self.components, self.output_dir)
             outputs["config"] = self.output_dir / CONFIG_FILE
-            outputs["model_card"] = write_model_card(
-                self.output_dir, method=self.method.card_type, base_model=str(config.pretrained_model_name_or_path),
-                instance_prompt=config.instance_prompt,
-                trigger_words=[config.placeholder_token] if config.placeholder_token else None,
-                training_settings=config.to_dict(), sample_images=self._last_validation_images(),
-                repo_id=config.hub_model_id,
-            )
+            samples = sorted((self.output_dir / "validation").glob(f"step{self.state.global_step:06d}-*.png"))
+            outputs["model_card"] = write_training_card(self.output_dir, config, self.method.card_type, samples)
             logger.info("wrote %s", ", ".join(str(p) for p in outputs.values()))
-            if config.push_to_hub:
-                try:
-                    push_to_hub(self.output_dir, config.hub_model_id, private=config.hub_private)
-                except SdtuneError as err:  # raised after the barrier, or the other processes would wait forever
-                    push_error = err
         self.accelerator.wait_for_everyone()
-        if push_error is not None:
-            raise push_error
+        if config.push_to_hub and self.accelerator.is_main_process:
+            push_to_hub(self.output_dir, config.hub_model_id, private=config.hub_private)
         return outputs
-
-    def _last_validation_images(self) -> list[Path]:
-        return sorted((self.output_dir / "validation").glob(f"step{self.state.global_step:06d}-*.png"))
 
     def cleanup(self) -> None:
         accelerator = getattr(self, "accelerator", None)

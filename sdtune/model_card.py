@@ -158,3 +158,13 @@ def _body(
         lines += ["## Training settings", "", "| setting | value |", "| --- | --- |"]
         lines += [f"| {key} | {_cell(value)} |" for key, value in public.items()] + [""]
     return "\n".join(lines)
+
+
+def write_training_card(output_dir: str | Path, config: Any, card_type: str, sample_images: list[Path]) -> Path:
+    """The card of a training run, from its config (secrets are dropped by `public_settings`)."""
+    return write_model_card(
+        output_dir, method=card_type, base_model=str(config.pretrained_model_name_or_path),
+        instance_prompt=config.instance_prompt,
+        trigger_words=[config.placeholder_token] if config.placeholder_token else None,
+        training_settings=config.to_dict(), sample_images=sample_images, repo_id=config.hub_model_id,
+    )

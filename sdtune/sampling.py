@@ -204,10 +204,27 @@ def _add_lora(pipe, config) -> None:
     if not path.exists():
         raise ConfigError(f"--lora {path}: no such file or folder")
     if path.is_file():
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="lora")
+        _load_lora_file(pipe, path)
     else:
         pipe.load_lora_weights(str(path), adapter_name="lora")
     pipe.set_adapters(["lora"], adapter_weights=[config.lora_scale])
+
+
+def _load_lora_file(pipe, path: Path) -> None:
+    """A diffusers or kohya LoRA file; embeddings bundled in a kohya file (pivotal tuning) are loaded too."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from sdtune.export import BUNDLE_TOKENS_METADATA, split_embedding_bundle
+
+    lora, bundles = split_embedding_bundle(load_file(str(path)))
+    with safe_open(str(path), "pt") as f:
+        tokens = json.loads((f.metadata() or {}).get(BUNDLE_TOKENS_METADATA, "{}"))
+    pipe.load_lora_weights(lora, adapter_name="lora")
+    for name, vectors in bundles.items():
+        pipe.load_textual_inversion(vectors, token=tokens.get(name, name))
 
 
 def _add_embeddings(pipe, config) -> None:

@@ -240,3 +240,18 @@ def test_two_cpu_processes_equal_one_with_prior_preservation(tiny_model, shapes_
     losses = [json.loads((d / "checkpoint-2" / "trainer_state.json").read_text())["loss_history"] for d in (two, one)]
     # gradients summed per process then averaged differ from one summed batch in the last bits
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-4, atol=1e-6)
+
+
+def test_class_images_of_another_prompt_are_not_used(tmp_path):
+    from sdtune.data.class_images import class_records
+
+    folder = tmp_path / "class"
+    folder.mkdir()
+    for prompt in ("a photo of dog", "a photo of cat"):
+        for i in range(3):
+            Image.new("RGB", (8, 8)).save(folder / class_image_name(prompt, i))
+    Image.new("RGB", (8, 8)).save(folder / "users-own.png")
+    records = class_records(str(folder), "a photo of cat", 3, 1.0)
+    names = [r.path.name for r in records]
+    assert names[0] == "users-own.png" and all(n.startswith(class_image_name("a photo of cat", 0)[:15]) for n in names[1:])
+    assert len(names) == 3 and all(r.caption == "a photo of cat" for r in records)

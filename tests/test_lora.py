@@ -134,14 +134,15 @@ def test_diffusers_file_records_lora_alpha(trained):
     assert metadata["unet.lora_alpha"] == 8 and metadata["unet.r"] == 4
 
 
-def test_dora_trains_and_exports_magnitude(lora_config):
-    config = dataclasses.replace(lora_config, use_dora=True, max_train_steps=2)
+@pytest.mark.parametrize("targets", ["attn", "all"])  # "all" has conv layers: peft's magnitude there is [1, out, 1, 1]
+def test_dora_trains_and_exports_magnitude(lora_config, targets):
+    config = dataclasses.replace(lora_config, use_dora=True, max_train_steps=2, lora_targets=targets)
     trainer, result = _train(config)
     with safe_open(result.outputs["kohya"], "pt") as f:
         scales = {k: f.get_tensor(k) for k in f.keys() if k.endswith(".dora_scale")}
         ups = {k: f.get_tensor(k.replace(".dora_scale", ".lora_up.weight")) for k in scales}
     assert scales  # per-output-row magnitudes as LyCORIS/ComfyUI read them: [out, 1]
-    assert all(s.shape == (ups[k].shape[0], 1) for k, s in scales.items())
+    assert all(s.shape == (ups[k].shape[0],) + (1,) * (ups[k].ndim - 1) for k, s in scales.items())
     pipe = StableDiffusionPipeline.from_pretrained(config.pretrained_model_name_or_path, safety_checker=None)
     pipe.load_lora_weights(result.output_dir)  # the diffusers file carries DoRA's magnitudes
     x, t, ehs, _ = _fixed_inputs(pipe.tokenizer)

@@ -26,6 +26,7 @@ def ti_config(tiny_model, shapes_dir, tmp_path):
         pretrained_model_name_or_path=str(tiny_model), train_data_dir=str(shapes_dir), output_dir=str(tmp_path / "out"),
         placeholder_token=TOKEN, initializer_token="shape", num_vectors=3, resolution=64, learning_rate=5e-2,
         max_train_steps=3, train_batch_size=2, checkpointing_steps=0, report_to="none",
+        adam_weight_decay=0.0,  # so any change of the new rows is learning, not decay
     )
 
 
@@ -80,7 +81,10 @@ def test_multi_vector_prompts_expand_and_templates_fill_in():
     caption = caption_from_templates(TEMPLATE_CAPTION, random.Random(0), TOKEN, "object")
     assert caption in {t.format(TOKEN) for t in OBJECT_TEMPLATES}
     assert "in the style of <cat-toy>" in caption_from_templates(TEMPLATE_CAPTION, random.Random(0), TOKEN, "style")
-    assert caption_from_templates("my own caption", random.Random(0), TOKEN, "object") == "my own caption"
+    own = f"my own caption with {TOKEN}"
+    assert caption_from_templates(own, random.Random(0), TOKEN, "object") == own
+    # a caption without the token would teach it nothing: a template replaces it
+    assert TOKEN in caption_from_templates("a sks shape", random.Random(0), TOKEN, "object")
 
 
 @pytest.mark.parametrize("which", ["diffusers", "a1111"])
@@ -142,7 +146,11 @@ def test_pivotal_export_loads_in_diffusers_and_changes_the_image(pivotal_config,
     assert bundle.shape == (2, 32) and any(k.startswith("lora_unet_") for k in keys)
 
 
-def test_pivotal_embeddings_stop_learning_after_the_fraction(pivotal_config):
+@pytest.mark.parametrize("set_grads_to_none", [True, False])
+@pytest.mark.parametrize("train_text_encoder", [False, True])  # with a text-encoder LoRA the encoder keeps training
+def test_pivotal_embeddings_stop_learning_after_the_fraction(pivotal_config, set_grads_to_none, train_text_encoder):
+    pivotal_config = dataclasses.replace(pivotal_config, set_grads_to_none=set_grads_to_none,
+                                         train_text_encoder=train_text_encoder)
     trainer = Trainer(pivotal_config, __import__("sdtune").LoRAMethod(pivotal_config))
     trainer.setup()
     snapshots = []
@@ -162,3 +170,20 @@ def test_pivotal_embeddings_stop_learning_after_the_fraction(pivotal_config):
 def test_pivotal_needs_a_placeholder_token(pivotal_config):
     with pytest.raises(ConfigError, match="--placeholder_token is required"):
         train_lora(dataclasses.replace(pivotal_config, placeholder_token=None))
+
+
+def test_generate_loads_the_pivotal_kohya_file_with_its_bundled_embedding(pivotal_config, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from sdtune.command_configs import GenerateConfig
+    from sdtune.sampling import run_generate
+
+    result = train_lora(pivotal_config)
+    gen = GenerateConfig(pretrained_model_name_or_path=pivotal_config.pretrained_model_name_or_path,
+                         prompt=f"a photo of {TOKEN}", num_inference_steps=3, output_dir=str(tmp_path / "kohya"))
+    from_kohya = run_generate(dataclasses.replace(gen, lora=str(result.outputs["kohya"])))[0]
+    from_pair = run_generate(dataclasses.replace(gen, lora=str(result.output_dir), embedding=str(result.output_dir),
+                                                 output_dir=str(tmp_path / "pair")))[0]
+    a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (from_kohya, from_pair))
+    assert np.abs(a - b).max() <= 3  # the same LoRA and token; the kohya file is fp16

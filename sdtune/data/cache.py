@@ -48,8 +48,10 @@ class LatentCache:
     def build(self, samples: list[Sample], flips: tuple[bool, ...], vae, accelerator, batch_size: int) -> None:
         """Encode every (sample, flip) that is not cached yet; this process encodes its 1/N share."""
         jobs = {self.key(s, f): (s, f) for s in samples for f in flips}
-        missing = [k for k in jobs if k not in self.entries and not self._on_disk(k)]
-        mine = missing[accelerator.process_index :: accelerator.num_processes]
+        # Shard the full job list, then skip what exists: deciding from what is on disk first would
+        # race with other processes already writing, and leave entries that nobody encodes.
+        share = list(jobs)[accelerator.process_index :: accelerator.num_processes]
+        mine = [k for k in share if k not in self.entries and not self._on_disk(k)]
         encoded = self._encode(mine, jobs, vae, batch_size, show_progress=accelerator.is_local_main_process)
         if self.cache_dir is not None:
             accelerator.wait_for_everyone()
@@ -63,7 +65,7 @@ class LatentCache:
 
                 encoded = dict(pair for part in gather_object([encoded]) for pair in part.items())
             self.entries.update(encoded)
-        logger.info("latent cache: %d entries, %d encoded now", len(jobs), len(missing))
+        logger.info("latent cache: %d entries, %d encoded by this process", len(jobs), len(mine))
 
     @torch.no_grad()
     def _encode(self, keys: list[str], jobs: dict, vae, batch_size: int, show_progress: bool) -> dict:

@@ -23,8 +23,13 @@ from sdtune.sampling import generate
 logger = logging.getLogger(__name__)
 
 
+def generated_prefix(class_prompt: str) -> str:
+    """File-name prefix of the images generated for ``class_prompt``."""
+    return f"class-{hashlib.sha256(class_prompt.encode()).hexdigest()[:8]}-"
+
+
 def class_image_name(class_prompt: str, index: int) -> str:
-    return f"class-{hashlib.sha256(class_prompt.encode()).hexdigest()[:8]}-{index:05d}.png"
+    return f"{generated_prefix(class_prompt)}{index:05d}.png"
 
 
 def ensure_class_images(
@@ -39,16 +44,15 @@ def ensure_class_images(
     num_inference_steps: int = 25,
     seed: int = 0,
 ) -> int:
-    """Generate class images until ``class_data_dir`` holds ``num_class_images``; return how many were made."""
+    """Generate class images until ``class_data_dir`` holds ``num_class_images``; return how many this process made."""
     folder = Path(class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    ours = {class_image_name(class_prompt, i) for i in range(num_class_images)}
-    theirs = [p for p in _images(folder) if p.name not in ours and not p.name.startswith("class-")]
-    wanted = max(0, num_class_images - len(theirs))
-    missing = [i for i in range(wanted) if not (folder / class_image_name(class_prompt, i)).exists()]
-    mine = missing[accelerator.process_index :: accelerator.num_processes]
-    if missing:
-        logger.info("generating %d class images of '%s' in %s", len(missing), class_prompt, folder)
+    wanted = max(0, num_class_images - len(_user_images(folder)))
+    # Shard all indices, then skip existing files: other processes may be writing already.
+    share = range(wanted)[accelerator.process_index :: accelerator.num_processes]
+    mine = [i for i in share if not (folder / class_image_name(class_prompt, i)).exists()]
+    if mine:
+        logger.info("generating %d class images of '%s' in %s", len(mine), class_prompt, folder)
     progress = tqdm(total=len(mine), desc="Class images", disable=not accelerator.is_local_main_process or not mine)
     pipe = components.pipeline() if mine else None
     for begin in range(0, len(mine), sample_batch_size):
@@ -64,13 +68,24 @@ def ensure_class_images(
         progress.update(len(chunk))
     progress.close()
     accelerator.wait_for_everyone()
-    return len(missing)
+    return len(mine)
 
 
 def class_records(class_data_dir: str, class_prompt: str, num_class_images: int, loss_weight: float) -> list[ImageRecord]:
-    """The class images to train on (at most ``num_class_images``), captioned with the class prompt."""
-    paths = sorted(_images(Path(class_data_dir)))[:num_class_images]
+    """The class images to train on (at most ``num_class_images``), captioned with the class prompt.
+
+    The user's own images and those generated for *this* prompt; images generated for another
+    --class_prompt in the same folder are left out, so they never get this prompt as caption.
+    """
+    folder = Path(class_data_dir)
+    generated = sorted(p for p in _images(folder) if p.name.startswith(generated_prefix(class_prompt)))
+    paths = (sorted(_user_images(folder)) + generated)[:num_class_images]
     return [ImageRecord(name=str(p), caption=class_prompt, loss_weight=loss_weight, path=p) for p in paths]
+
+
+def _user_images(folder: Path) -> list[Path]:
+    """Class images the user supplied (anything not named like a generated one)."""
+    return [p for p in _images(folder) if not p.name.startswith("class-")]
 
 
 def _images(folder: Path) -> list[Path]:

@@ -33,6 +33,9 @@ class Method(Protocol):
     def trained_models(self, components: Components) -> list[torch.nn.Module]:
         """Modules that hold trained parameters (wrapped for DDP, accumulated, checkpointed)."""
 
+    def stopped_param_groups(self, step: int) -> set[int]:
+        """Indices (into prepare()'s groups) that no longer train from optimizer step ``step`` on."""
+
     def after_step(self, components: Components) -> None:
         """Called after every optimizer step (e.g. restore frozen embedding rows)."""
 

@@ -39,6 +39,9 @@ class DreamBoothMethod:
     def transform_caption(self, caption: str, rng) -> str:
         return caption
 
+    def stopped_param_groups(self, step: int) -> set[int]:
+        return {1} if self.config.train_text_encoder and not self.text_encoder_trains_at(step) else set()
+
     def prepare(self, components: Components) -> list[dict]:
         # Trained weights are fp32 masters whatever the mixed precision; frozen parts keep the weight dtype.
         components.unet.to(torch.float32).requires_grad_(True).train()

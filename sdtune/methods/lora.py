@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -12,7 +13,14 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from sdtune.config import LoRAConfig
-from sdtune.export import DIFFUSERS_LORA_FILE, kohya_embedding_bundle, save_kohya_lora, save_learned_embeds
+from sdtune.export import (
+    BUNDLE_TOKENS_METADATA,
+    DIFFUSERS_LORA_FILE,
+    a1111_embedding_name,
+    kohya_embedding_bundle,
+    save_kohya_lora,
+    save_learned_embeds,
+)
 from sdtune.methods import trainable_parameters, unwrap_model
 from sdtune.methods.embeddings import NewTokenEmbeddings
 from sdtune.models import Components
@@ -59,9 +67,17 @@ class LoRAMethod:
     def trains_text_encoder(self) -> bool:
         return self.config.train_text_encoder or self.embeddings is not None
 
+    def _learns_embeddings_at(self, step: int) -> bool:
+        return self.embeddings is not None and step < self.config.train_text_embeddings_frac * self.config.max_train_steps
+
     def text_encoder_trains_at(self, step: int) -> bool:
-        learns_embeddings = self.embeddings is not None and step < self.config.train_text_embeddings_frac * self.config.max_train_steps
-        return self.config.train_text_encoder or learns_embeddings
+        return self.config.train_text_encoder or self._learns_embeddings_at(step)
+
+    def stopped_param_groups(self, step: int) -> set[int]:
+        # groups: unet, [text-encoder LoRA], [embeddings] -- the embeddings group is always last
+        if self.embeddings is not None and not self._learns_embeddings_at(step):
+            return {1 + int(self.config.train_text_encoder)}
+        return set()
 
     def transform_caption(self, caption: str, rng) -> str:
         return self.embeddings.expand(caption) if self.embeddings is not None else caption
@@ -73,12 +89,17 @@ class LoRAMethod:
         )
 
     def prepare(self, components: Components) -> list[dict]:
+        if self.trains_text_encoder:
+            components.text_encoder.train()  # gradient checkpointing and LoRA dropout act only in train mode
+        components.unet.train()
         embedding_weight = self.embeddings.add_to(components) if self.embeddings is not None else None
         self.unet_targets = unet_target_modules(components.unet, self.config.lora_targets)
         components.unet.add_adapter(self._lora_config(self.unet_targets), adapter_name=ADAPTER_NAME)
         models = [components.unet]
         if self.config.train_text_encoder:
             components.text_encoder.add_adapter(self._lora_config(TEXT_ENCODER_TARGETS), adapter_name=ADAPTER_NAME)
+            if embedding_weight is not None:
+                embedding_weight.requires_grad_(True)  # peft froze every non-LoRA weight, the new embeddings too
             models.append(components.text_encoder)
         # fp16/bf16 runs keep the frozen base in the weight dtype; trained weights must be fp32
         # or the grad scaler fails ("Attempting to unscale FP16 gradients").
@@ -145,9 +166,13 @@ class LoRAMethod:
             vectors = self.embeddings.vectors(components.text_encoder)
             outputs["embeddings"] = save_learned_embeds(output_dir, self.config.placeholder_token, vectors)
             bundle = kohya_embedding_bundle(self.config.placeholder_token, vectors)
+        metadata = kohya_metadata(components, self.config)
+        if bundle:
+            metadata[BUNDLE_TOKENS_METADATA] = json.dumps({a1111_embedding_name(self.config.placeholder_token):
+                                                           self.config.placeholder_token})
         outputs["kohya"] = save_kohya_lora(
             output_dir / KOHYA_LORA_FILE, unet_sd, te_sd, alpha=self.lora_alpha, rank=self.config.rank,
-            metadata=kohya_metadata(components, self.config), extra=bundle,
+            metadata=metadata, extra=bundle,
         )
         return outputs
 

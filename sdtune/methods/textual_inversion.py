@@ -28,8 +28,11 @@ TEMPLATE_CAPTION = "{template}"  # marks samples captioned from the templates
 
 
 def caption_from_templates(caption: str, rng: random.Random, placeholder_token: str, learnable_property: str) -> str:
-    """A template caption (object or style) for template-marked samples; the dataset's own captions pass through."""
-    if caption != TEMPLATE_CAPTION:
+    """The dataset's own caption if it names the placeholder token, else a template (object or style).
+
+    A caption without the token would teach the token nothing (it would get no gradient).
+    """
+    if caption != TEMPLATE_CAPTION and placeholder_token in caption:
         return caption
     templates = STYLE_TEMPLATES if learnable_property == "style" else OBJECT_TEMPLATES
     return rng.choice(templates).format(placeholder_token)
@@ -47,11 +50,15 @@ class TextualInversionMethod:
     def text_encoder_trains_at(self, step: int) -> bool:
         return True
 
+    def stopped_param_groups(self, step: int) -> set[int]:
+        return set()
+
     def transform_caption(self, caption: str, rng: random.Random) -> str:
         caption = caption_from_templates(caption, rng, self.config.placeholder_token, self.config.learnable_property)
         return self.embeddings.expand(caption)
 
     def prepare(self, components: Components) -> list[dict]:
+        components.text_encoder.train()  # gradient checkpointing acts only in train mode
         weight = self.embeddings.add_to(components)
         return [{"params": [weight], "lr": self.config.learning_rate}]
 
