@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import importlib.util
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,9 +20,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sdtune.caption_cleanup import (
-    METADATA, add_prefix_suffix, caption_files, clean_caption, find_images, image_name, jsonl_captioned, merge_jsonl_parts,
-    write_captions,
+from sdtune.caption_store import (
+    METADATA, PARTS_DIR, add_prefix_suffix, caption_files, clean_caption, find_images, image_name, jsonl_captioned,
+    merge_jsonl_parts, write_captions,
 )
 from sdtune.command_configs import DEFAULT_CAPTION_MODEL as DEFAULT_MODEL
 from sdtune.command_configs import CaptionConfig
@@ -212,15 +213,11 @@ def caption_images(config: CaptionConfig, accelerator: Any = None) -> CaptionSum
         write_captions(folder, carried, output_format="jsonl", part=rank)
     started = time.perf_counter()
     captioned, failed = _caption_shard(config, folder, pending[rank::world], rank, accelerator)
-    _wait(accelerator)
+    if world > 1:
+        captioned, failed = _share_results(folder, accelerator, captioned, failed)  # waits for every process
     if rank == 0:
         merge_jsonl_parts(folder)
     _wait(accelerator)  # metadata.jsonl is complete for every process from here on
-    if world > 1:
-        from accelerate.utils import gather_object
-
-        results = gather_object([(captioned, failed)])
-        captioned, failed = sum(r[0] for r in results), sorted(name for r in results for name in r[1])
     summary = CaptionSummary(captioned, skipped=len(images) - len(pending), failed=len(failed), failed_files=failed)
     if rank == 0:
         seconds = time.perf_counter() - started
@@ -292,6 +289,22 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _share_results(folder: Path, accelerator: Any, captioned: int, failed: list[str]) -> tuple[int, list[str]]:
+    # Through small files rather than accelerate's gather_object: gloo's worker thread frees the
+    # gathered tensor late and can abort the interpreter at exit ("terminate called without an active exception").
+    rank, world = accelerator.process_index, accelerator.num_processes
+    results = folder / PARTS_DIR
+    results.mkdir(exist_ok=True)
+    (results / f"result-{rank}.json").write_text(json.dumps([captioned, failed]))
+    accelerator.wait_for_everyone()  # every shard is written and reported
+    shared = [json.loads((results / f"result-{i}.json").read_text()) for i in range(world)]
+    accelerator.wait_for_everyone()  # everyone has read the results before they are deleted
+    if rank == 0:
+        for i in range(world):
+            (results / f"result-{i}.json").unlink()
+    return sum(r[0] for r in shared), sorted(name for r in shared for name in r[1])
 
 
 def _quantization_config(config: CaptionConfig, dtype: torch.dtype) -> Any:

@@ -71,6 +71,8 @@ def _caption(config: CaptionConfig) -> None:
     summary = caption_images(config, accelerator)
     if accelerator is None or accelerator.is_main_process:
         print(f"captioned {summary.captioned}, skipped {summary.skipped} (already captioned), failed {summary.failed}")
+    if accelerator is not None:
+        accelerator.end_training()  # tear the process group down before the interpreter exits
 
 
 @dataclass(frozen=True)

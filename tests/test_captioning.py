@@ -5,6 +5,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sdtune.caption_cleanup import METADATA, PARTS_DIR, add_prefix_suffix, clean_caption
+from sdtune import captioning
+from sdtune.caption_store import METADATA, PARTS_DIR, add_prefix_suffix, clean_caption, image_name
 from sdtune.captioning import CaptionConfig, caption_images, caption_missing_images, load_captioner, model_family
 from sdtune.errors import ConfigError, ModelLoadError, SdtuneError
 from sdtune.toy.tiny_captioner import build_tiny_blip, build_tiny_blip2, build_tiny_instructblip
@@ -218,14 +221,39 @@ def test_caption_missing_images_only_fills_gaps(tiny_blip2, images_dir):
         caption_missing_images(str(images_dir), str(tiny_blip2), prefx="x")
 
 
-def test_each_process_captions_its_share_of_the_pending_images(tiny_blip2, images_dir):
+def test_each_process_captions_its_share_and_all_return_the_merged_summary(tiny_blip2, images_dir, monkeypatch):
     (images_dir / "a.txt").write_text("mine")  # pending: the other five, in sorted order
-    pending = sorted(NAMES)[1:]
-    second = SimpleNamespace(process_index=1, num_processes=2, is_main_process=False, device=torch.device("cpu"),
-                             mixed_precision="no", wait_for_everyone=lambda: None)
-    caption_images(_config(images_dir, tiny_blip2), accelerator=second)
-    captioned = sorted(p.relative_to(images_dir).with_suffix("").as_posix() for p in images_dir.rglob("*.txt"))
-    assert captioned == sorted({"a"} | {Path(n).with_suffix("").as_posix() for n in pending[1::2]})
+    (images_dir / "broken.png").write_bytes(b"junk")
+    pending = sorted(NAMES + ["broken.png"])[1:]
+    shards = {}
+    real_shard = captioning._caption_shard
+
+    def recording_shard(config, folder, paths, rank, accelerator):
+        shards[rank] = [image_name(folder, path) for path in paths]
+        return real_shard(config, folder, paths, rank, accelerator)
+
+    monkeypatch.setattr(captioning, "_caption_shard", recording_shard)
+    load_lock, real_load = threading.Lock(), captioning.load_captioner
+
+    def serial_load(*args, **kwargs):
+        with load_lock:  # from_pretrained patches torch globally (meta device); real processes do not share that
+            return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(captioning, "load_captioner", serial_load)
+    barrier = threading.Barrier(2, timeout=60)  # two threads stand in for two processes
+
+    def run(rank):
+        accelerator = SimpleNamespace(process_index=rank, num_processes=2, is_main_process=rank == 0,
+                                      device=torch.device("cpu"), mixed_precision="no", wait_for_everyone=barrier.wait)
+        return caption_images(_config(images_dir, tiny_blip2, output_format="jsonl"), accelerator)
+
+    with ThreadPoolExecutor(2) as pool:
+        summaries = [future.result() for future in [pool.submit(run, rank) for rank in (0, 1)]]
+    assert shards == {0: pending[0::2], 1: pending[1::2]}
+    assert summaries[0] == summaries[1]
+    assert (summaries[0].captioned, summaries[0].skipped, summaries[0].failed_files) == (len(NAMES) - 1, 1, ["broken.png"])
+    assert sorted(e["file_name"] for e in _jsonl(images_dir)) == sorted(NAMES)
+    assert not (images_dir / PARTS_DIR).exists()
 
 
 # --- cleanup ------------------------------------------------------------------------------------------

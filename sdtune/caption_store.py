@@ -1,4 +1,4 @@
-"""What happens to a caption after the model: tidying the text, and storing it where training reads it.
+"""Caption text and caption files: cleanup, then storage beside the images or in metadata.jsonl.
 
 Tidying: whitespace, stutters ("a dog dog dog"), echoed prompts, prefix/suffix. Storing: a
 caption file beside each image (kohya) or metadata.jsonl (HF imagefolder), written so that a
@@ -7,6 +7,7 @@ killed run resumes and several processes never write the same file. No model her
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path, PurePosixPath
@@ -160,6 +161,7 @@ def merge_jsonl_parts(folder: Path) -> None:
     """Fold the parts into metadata.jsonl (atomically; the newest caption of a file wins), then delete them."""
     parts = _part_files(folder)
     if not parts:
+        _remove_if_empty(folder / PARTS_DIR)
         return
     merged: dict[str, dict] = {}
     for entry in _jsonl_entries(folder):
@@ -167,7 +169,12 @@ def merge_jsonl_parts(folder: Path) -> None:
     _write_atomic(folder / METADATA, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in merged.values()))
     for part in parts:  # a kill before this point leaves parts that merge to the same result next time
         part.unlink()
-    (folder / PARTS_DIR).rmdir()
+    _remove_if_empty(folder / PARTS_DIR)
+
+
+def _remove_if_empty(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # absent, or still holding another process's files
+        directory.rmdir()
 
 
 def _jsonl_entries(folder: Path) -> list[dict]:
