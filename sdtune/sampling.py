@@ -18,13 +18,13 @@ def generate(
     prompts: list[str],
     generators: list[torch.Generator],
     *,
-    resolution: int,
+    size: tuple[int, int],
     num_inference_steps: int = 25,
     guidance_scale: float = 7.5,
     negative_prompt: str | None = None,
     autocast=None,
 ) -> list[Image.Image]:
-    """One image per (prompt, generator), in one pipeline call.
+    """One image per (prompt, generator) at ``size`` (width, height), in one pipeline call.
 
     On CPU this runs in fp32 (autocast to bf16 is an order of magnitude slower there); on GPU
     pass the accelerator's autocast, since trained fp32 adapters sit on fp16/bf16 weights.
@@ -33,7 +33,7 @@ def generate(
     with autocast() if autocast is not None and device.type != "cpu" else nullcontext():
         return pipe(
             prompts, negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
-            height=resolution, width=resolution, num_inference_steps=num_inference_steps,
+            height=size[1], width=size[0], num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, generator=generators,
         ).images
 
@@ -56,7 +56,7 @@ def sample_images(
     """
     pipe = components.pipeline(scheduler=DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config))
     generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
-    return generate(pipe, [prompt] * num_images, generators, resolution=resolution, num_inference_steps=num_inference_steps,
+    return generate(pipe, [prompt] * num_images, generators, size=(resolution, resolution), num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale, negative_prompt=negative_prompt, autocast=autocast)
 
 
@@ -158,14 +158,14 @@ def run_generate(config) -> list[Path]:
 def _one_image(pipe, prompt: str, config, seed: int, size: tuple[int, int], init) -> Image.Image:
     generator = torch.Generator().manual_seed(seed)
     common = dict(negative_prompt=config.negative_prompt, num_inference_steps=config.num_inference_steps,
-                  guidance_scale=config.guidance_scale, generator=generator)
-    if init is None:
-        return pipe(prompt, height=size[1], width=size[0], **common).images[0]
+                  guidance_scale=config.guidance_scale)
+    if init is None:  # the function validation images come from, too
+        return generate(pipe, [prompt], [generator], size=size, **common)[0]
     from diffusers import StableDiffusionImg2ImgPipeline
 
     img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
     img2img.set_progress_bar_config(disable=True)
-    return img2img(prompt, image=init, strength=config.strength, **common).images[0]
+    return img2img(prompt, image=init, strength=config.strength, generator=generator, **common).images[0]
 
 
 def make_grid(images: list[Image.Image], columns: int) -> Image.Image:

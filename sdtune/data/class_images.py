@@ -58,7 +58,7 @@ def ensure_class_images(
     for begin in range(0, len(mine), sample_batch_size):
         chunk = mine[begin : begin + sample_batch_size]
         generators = [torch.Generator().manual_seed(_image_seed(seed, class_prompt, i)) for i in chunk]
-        images = generate(pipe, [class_prompt] * len(chunk), generators, resolution=resolution,
+        images = generate(pipe, [class_prompt] * len(chunk), generators, size=(resolution, resolution),
                           num_inference_steps=num_inference_steps, autocast=accelerator.autocast)
         for index, image in zip(chunk, images):
             path = folder / class_image_name(class_prompt, index)

@@ -163,6 +163,7 @@ class BucketBatchSampler:
         self.process_index = process_index
         self.seed = seed
         self.companions = companions or []
+        self._companion_orders: dict[int, list[int]] = {}
         primary = set(range(len(buckets))) - set(self.companions)
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for index in sorted(primary):
@@ -193,10 +194,16 @@ class BucketBatchSampler:
         picked = []
         for position in range(number * size, (number + 1) * size):
             cycle, offset = divmod(position, len(self.companions))
+            picked.append(self._companion_order(cycle)[offset])
+        return picked
+
+    def _companion_order(self, cycle: int) -> list[int]:
+        """The shuffled companion pool of ``cycle``, shuffled once rather than once per pick."""
+        if cycle not in self._companion_orders:
             order = self.companions[:]
             random.Random(f"{self.seed}:companions:{cycle}").shuffle(order)
-            picked.append(order[offset])
-        return picked
+            self._companion_orders = {cycle: order}  # batches move forward: only the current cycle is reused
+        return self._companion_orders[cycle]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, offset = divmod(self.start, self.batches_per_epoch)

@@ -120,10 +120,9 @@ class LoRAMethod:
             self.embeddings.restore_frozen_rows(components.text_encoder)
 
     def state_dict(self, components: Components) -> dict[str, torch.Tensor]:
-        state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unwrap_model(components.unet)).items()}
-        if self.config.train_text_encoder:
-            te = get_peft_model_state_dict(unwrap_model(components.text_encoder), save_embedding_layers=False)
-            state.update({f"text_encoder.{k}": v for k, v in te.items()})
+        unet, te = self.lora_state_dicts(components)
+        state = {f"unet.{k}": v for k, v in unet.items()}
+        state.update({f"text_encoder.{k}": v for k, v in (te or {}).items()})
         if self.embeddings is not None:
             state["text_embeddings"] = self.embeddings.vectors(components.text_encoder)
         return state
