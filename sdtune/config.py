@@ -142,10 +142,6 @@ class TrainConfig:
             check_type(f, getattr(self, f.name))
         _check_range(self)
 
-    @property
-    def text_encoder_trained(self) -> bool:
-        return False
-
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
 
@@ -171,10 +167,6 @@ class LoRAConfig(TrainConfig):
     train_text_embeddings_frac: float = option(1.0, "Stop learning the embeddings after this fraction of the steps (pivotal tuning).")
 
     method: typing.ClassVar[str] = "lora"
-
-    @property
-    def text_encoder_trained(self) -> bool:
-        return self.train_text_encoder
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from PIL import Image
 
 from sdtune.config import LoRAConfig
+from sdtune.sampling import make_grid
 from sdtune.toy.shapes import render_shape_dataset
 from sdtune.toy.tiny_model import build_tiny_model
 
@@ -53,8 +53,4 @@ def _before_after_grid(base: Path, lora_dir: Path, path: Path, seed: int, n: int
             pipe.load_lora_weights(lora_dir)
         generator = torch.Generator().manual_seed(seed)
         rows.append(pipe([PROMPT] * n, num_inference_steps=20, height=64, width=64, generator=generator).images)
-    grid = Image.new("RGB", (64 * n, 64 * len(rows)))
-    for r, images in enumerate(rows):
-        for c, image in enumerate(images):
-            grid.paste(image, (64 * c, 64 * r))
-    grid.save(path)
+    make_grid(rows[0] + rows[1], columns=n).save(path)
