@@ -24,7 +24,7 @@ from sdtune.config import (
     parse_value,
 )
 from sdtune.errors import ConfigError, SdtuneError
-from sdtune.command_configs import CaptionConfig, GenerateConfig, PushConfig
+from sdtune.command_configs import CaptionConfig, DemoConfig, GenerateConfig, PushConfig
 
 logger = logging.getLogger("sdtune")
 
@@ -75,6 +75,13 @@ def _caption(config: CaptionConfig) -> None:
         accelerator.end_training()  # tear the process group down before the interpreter exits
 
 
+def _demo(config: DemoConfig) -> None:
+    from sdtune.toy.demo import run_demo
+
+    kwargs = {"base": config.base_model} if config.base_model else {}
+    run_demo(config.output_dir, quick=config.quick, seed=config.seed, **kwargs)
+
+
 @dataclass(frozen=True)
 class Command:
     config_cls: type
@@ -92,6 +99,8 @@ COMMANDS: dict[str, Command] = {
     "caption": Command(CaptionConfig, _caption, "Caption images with BLIP-2 / BLIP / InstructBLIP.", positional="data_dir"),
     "generate": Command(GenerateConfig, _generate, "Images from a base model plus a LoRA, embeddings or DreamBooth output."),
     "push": Command(PushConfig, _push, "Upload an output folder to the Hugging Face Hub.", positional="folder"),
+    "demo": Command(DemoConfig, _demo, "Offline quickstart: teach the toy world's held-out concepts with four methods and "
+                                       "measure what each learned and kept (metrics.json, before/after grids)."),
 }
 
 
@@ -106,12 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
                          help="Print the resolved config as YAML and exit.")
         sub.add_argument("--debug", action="store_true", help="Show full tracebacks.")
         _add_config_flags(sub, command)
-    demo = subparsers.add_parser("demo", help="Offline quickstart: train a LoRA on a tiny model the package builds.",
-                                 allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    demo.add_argument("--output_dir", "--output-dir", default="sdtune-demo", help="Where the demo writes everything.")
-    demo.add_argument("--max_train_steps", "--max-train-steps", type=int, default=200, help="Training steps.")
-    demo.add_argument("--seed", type=int, default=0, help="Seed.")
-    demo.add_argument("--debug", action="store_true", help="Show tracebacks.")
     return parser
 
 
@@ -159,17 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     command = argv[0]
-    if command not in COMMANDS and command != "demo":
-        print(f"sdtune: error: unknown command '{command}'{did_you_mean(command, [*COMMANDS, 'demo'])}; see sdtune --help",
+    if command not in COMMANDS:
+        print(f"sdtune: error: unknown command '{command}'{did_you_mean(command, COMMANDS)}; see sdtune --help",
               file=sys.stderr)
         return 2
     try:
-        if command == "demo":
-            from sdtune.toy.demo import run_demo
-
-            args = parser.parse_args(argv)
-            run_demo(args.output_dir, max_train_steps=args.max_train_steps, seed=args.seed)
-            return 0
         config, args = parse_config(command, argv[1:])
         if args.print_config:
             print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")

@@ -129,3 +129,20 @@ class CaptionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """`sdtune demo`: the offline toy world, taught with four methods, measured by a judge."""
+
+    output_dir: str = option("sdtune-demo", "Where the data, trained outputs, grids and metrics.json go.")
+    quick: bool = option(False, "Fewer steps and samples: a first look in about two minutes (the figures are noisier).")
+    seed: int = option(0, "Seed of the data, the training runs and the evaluation samples.")
+    base_model: str | None = option(None, "Toy base model folder (default: the one shipped with sdtune).")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            check_type(f, getattr(self, f.name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,11 +1,39 @@
-"""`sdtune demo`, the README's first command, end to end with few steps."""
+"""`sdtune demo --quick` end to end through the CLI: each method must learn its concept (slow)."""
 
-from PIL import Image
+import json
 
-from sdtune.toy.demo import run_demo
+import pytest
+
+from sdtune.cli import main
+from sdtune.toy.demo import METHODS
 
 
-def test_demo_trains_exports_and_writes_the_before_after_grid(tmp_path):
-    result = run_demo(tmp_path / "demo", max_train_steps=4)
-    assert result.global_step == 4 and result.outputs["diffusers"].is_file() and result.outputs["kohya"].is_file()
-    assert Image.open(tmp_path / "demo" / "before_after.png").size == (4 * 64, 2 * 64)  # base row, LoRA row
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    output = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--output_dir", str(output)]) == 0
+    return output, json.loads((output / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_short_finetune_teaches_the_concept_that_the_base_lacks(quick_demo, method):
+    output, metrics = quick_demo
+    figures, base = metrics[method], metrics["base"][f"concept_{metrics[method]['concept']}"]
+    assert base["subject_fidelity"] <= 0.15  # the base cannot draw the held-out concept ...
+    assert figures["subject_fidelity"] >= base["subject_fidelity"] + 0.5, figures  # ... a short fine-tune can
+    assert (output / f"{method}.png").is_file()
+
+
+@pytest.mark.slow
+def test_prior_preservation_keeps_the_class_that_a_plain_dreambooth_overwrites(quick_demo):
+    _, metrics = quick_demo
+    kept, overwritten = metrics["dreambooth"], metrics["dreambooth_no_prior"]
+    assert kept["prior_drift"] < overwritten["prior_drift"], (kept, overwritten)
+    assert kept["prior_preservation"] > overwritten["prior_preservation"], (kept, overwritten)
+
+
+@pytest.mark.slow
+def test_textual_inversion_leaves_every_prompt_without_the_token_unchanged(quick_demo):
+    _, metrics = quick_demo
+    assert metrics["textual_inversion"]["prior_preservation"] == 1.0  # same seeds, frozen model: the same images

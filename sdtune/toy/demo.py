@@ -1,56 +1,242 @@
-"""`sdtune demo`: the offline quickstart. Builds a tiny model and a toy dataset, trains a LoRA,
-loads the result back in diffusers and writes a before/after image grid."""
+"""`sdtune demo`: teach the toy world's held-out concepts to the shipped base model with four methods,
+load each result back through diffusers' own loaders, and measure what was learned and what was kept.
+
+Concept A (a star, never seen in pretraining) is taught as "sks triangle" by DreamBooth-LoRA and by
+full DreamBooth with and without prior preservation; concept B (a green square, a pairing never seen)
+is taught to a new token by textual inversion. The judge scores fixed-seed samples of every model.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image, ImageDraw
 
-from sdtune.config import LoRAConfig
+from sdtune.evaluation import ConceptReport, ConceptSpec, Probe, SamplingSettings, attribute_accuracy, evaluate_concept
 from sdtune.sampling import make_grid
-from sdtune.toy.shapes import render_shape_dataset
-from sdtune.toy.tiny_model import build_tiny_model
+from sdtune.toy.base_model import BASE_DIR
+from sdtune.toy.judge import load_judge
+from sdtune.toy.world import BACKGROUNDS, COLORS, HELD_OUT_PAIR, HELD_OUT_SHAPE, Scene, pretraining_scenes, render_folder
 
 logger = logging.getLogger(__name__)
 
-PROMPT = "a sks shape"
+SUBJECT = Scene(HELD_OUT_SHAPE, "yellow", "gray")  # concept A's instance images: one yellow star, on gray
+SUBJECT_WORDS = "sks triangle"  # DreamBooth's rare token + class noun
+CLASS_SHAPE = "triangle"
+TI_TOKEN = "<gsq>"
+TI_COLOR, TI_SHAPE = HELD_OUT_PAIR
 
 
-def run_demo(output_dir: str | Path = "sdtune-demo", *, max_train_steps: int = 200, seed: int = 0):
-    from sdtune.api import train_lora
-
-    output_dir = Path(output_dir)
-    base = output_dir / "base-model"
-    if not (base / "model_index.json").is_file():
-        build_tiny_model(base, seed=seed)
-    data = render_shape_dataset(output_dir / "data", num_images=16, caption=PROMPT, seed=seed)
-    config = LoRAConfig(
-        pretrained_model_name_or_path=str(base), instance_data_dir=str(data), output_dir=str(output_dir / "lora"),
-        resolution=64, rank=8, learning_rate=1e-3, max_train_steps=max_train_steps, train_batch_size=4,
-        random_flip=True, checkpointing_steps=max(1, max_train_steps // 2), seed=seed, report_to="tensorboard",
+def concept_a_spec() -> ConceptSpec:
+    """The star, asked as "sks triangle"; contexts are the backgrounds its training images never show."""
+    new_backgrounds = [b for b in BACKGROUNDS if b != SUBJECT.background]
+    return ConceptSpec(
+        subject=[Probe(f"a {SUBJECT_WORDS}", lambda v: v.shape == HELD_OUT_SHAPE)],
+        context=[Probe(f"a {SUBJECT_WORDS} on a {b} background", lambda v, b=b: v.shape == HELD_OUT_SHAPE and v.background == b)
+                 for b in new_backgrounds],
+        prior=_class_probes(CLASS_SHAPE),
+        is_concept=lambda v: v.shape == HELD_OUT_SHAPE,
     )
-    result = train_lora(config)
-    grid = output_dir / "before_after.png"
-    _before_after_grid(base, result.output_dir, grid, seed=seed)
-    first, last = result.loss_history[:10], result.loss_history[-10:]
-    print(f"demo: trained {result.global_step} steps; mean loss first 10 steps {sum(first) / len(first):.4f}, "
-          f"last 10 steps {sum(last) / len(last):.4f}")
-    print(f"demo: LoRA (diffusers) {result.outputs['diffusers']}\ndemo: LoRA (kohya/A1111) {result.outputs['kohya']}")
-    print(f"demo: before/after grid {grid}")
-    return result
 
 
-def _before_after_grid(base: Path, lora_dir: Path, path: Path, seed: int, n: int = 4) -> None:
-    """Top row: the base model; bottom row: with the LoRA loaded through diffusers' own loader."""
-    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+def concept_b_spec() -> ConceptSpec:
+    """The green square, asked through the learned token alone and on each background."""
+    def is_b(v):
+        return v.shape == TI_SHAPE and v.color == TI_COLOR
+
+    return ConceptSpec(
+        subject=[Probe(f"a {TI_TOKEN}", is_b)],
+        context=[Probe(f"a {TI_TOKEN} on a {b} background", lambda v, b=b: is_b(v) and v.background == b) for b in BACKGROUNDS],
+        prior=_class_probes(TI_SHAPE, exclude_color=TI_COLOR),
+        is_concept=is_b,
+    )
+
+
+def _class_probes(shape: str, exclude_color: str | None = None) -> list[Probe]:
+    """Class prompts over every colour and background ("a red triangle on a white background")."""
+    scenes = [Scene(shape, c, b) for c in COLORS for b in BACKGROUNDS if c != exclude_color]
+    return [Probe(s.caption(), lambda v, s=s: v == s) for s in scenes]
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Steps and sample counts; ``quick`` shrinks them for a first look (and the test suite)."""
+
+    num_samples: int = 96  # per figure (subject, context, prior)
+    held_in_samples: int = 300
+    instance_images: int = 8
+    concept_b_images: int = 12
+    lora_steps: int = 300
+    dreambooth_steps: int = 300
+    textual_inversion_steps: int = 400
+    num_class_images: int = 60
+
+    @classmethod
+    def quick(cls) -> "DemoSettings":
+        return cls(num_samples=32, held_in_samples=60, lora_steps=120, dreambooth_steps=120, textual_inversion_steps=150,
+                   num_class_images=30)
+
+
+METHODS = ("lora", "dreambooth", "dreambooth_no_prior", "textual_inversion")
+CONCEPT_OF = {"lora": "a", "dreambooth": "a", "dreambooth_no_prior": "a", "textual_inversion": "b"}
+
+
+class Demo:
+    """The toy world's data, judge and base scores, and one fine-tune per method on top of them."""
+
+    def __init__(self, output_dir: str | Path, *, base: str | Path = BASE_DIR, settings: DemoSettings | None = None,
+                 seed: int = 0):
+        self.output_dir = Path(output_dir)
+        self.base = Path(base)
+        self.settings = settings or DemoSettings()
+        self.seed = seed
+        self.judge = load_judge()
+        self.sampling = SamplingSettings(seed=seed)
+        self.specs = {"a": concept_a_spec(), "b": concept_b_spec()}
+        data = self.output_dir / "data"
+        self.data = {
+            "a": render_folder(data / "concept_a", [SUBJECT], self.settings.instance_images, seed=seed,
+                               caption=f"a {SUBJECT_WORDS} on a {{background}} background"),
+            "b": render_folder(data / "concept_b", [Scene(TI_SHAPE, TI_COLOR, b) for b in BACKGROUNDS],
+                               self.settings.concept_b_images, seed=seed + 1,
+                               caption=f"a {TI_TOKEN} on a {{background}} background"),
+        }
+        self._base_reports: dict[str, ConceptReport] = {}
+
+    def evaluate(self, pipe, concept: str) -> ConceptReport:
+        return evaluate_concept(pipe, self.judge.classify, self.specs[concept], num_samples=self.settings.num_samples,
+                                settings=self.sampling)
+
+    def base_report(self, concept: str) -> ConceptReport:
+        if concept not in self._base_reports:
+            self._base_reports[concept] = self.evaluate(_pipeline(self.base), concept)
+        return self._base_reports[concept]
+
+    def held_in_accuracy(self) -> dict[str, float]:
+        """The base's per-attribute accuracy on full captions of the pretraining scenes."""
+        scenes = pretraining_scenes()
+        expected = [scenes[i % len(scenes)] for i in range(self.settings.held_in_samples)]
+        rates = attribute_accuracy(_pipeline(self.base), self.judge.classify, expected, [s.caption() for s in expected],
+                                   attributes=("shape", "color", "background"), settings=self.sampling)
+        return {k: round(v, 4) for k, v in rates.items()}
+
+    def train(self, name: str):
+        """Fine-tune the base with method ``name``; returns sdtune's TrainResult."""
+        from sdtune.api import train_dreambooth, train_textual_inversion
+        from sdtune.config import DreamBoothConfig, TextualInversionConfig
+
+        s, out = self.settings, str(self.output_dir / name)
+        common = dict(pretrained_model_name_or_path=str(self.base), resolution=32, train_batch_size=4, seed=self.seed,
+                      checkpointing_steps=0, report_to="none", mixed_precision="no", output_dir=out)
+        concept_a = dict(common, instance_data_dir=str(self.data["a"]))
+        prior = dict(with_prior_preservation=True, class_data_dir=str(self.output_dir / "data" / "class_triangle"),
+                     class_prompt=f"a {CLASS_SHAPE}", num_class_images=s.num_class_images)
+        if name == "lora":
+            return train_dreambooth(DreamBoothConfig(**concept_a, **prior, use_lora=True, rank=8, lora_targets="attn_ff",
+                                                     learning_rate=1e-3, max_train_steps=s.lora_steps))
+        if name == "dreambooth":
+            return train_dreambooth(DreamBoothConfig(**concept_a, **prior, learning_rate=2e-4,
+                                                     max_train_steps=s.dreambooth_steps, save_precision="fp32"))
+        if name == "dreambooth_no_prior":
+            return train_dreambooth(DreamBoothConfig(**concept_a, learning_rate=2e-4, max_train_steps=s.dreambooth_steps,
+                                                     save_precision="fp32"))
+        if name == "textual_inversion":
+            return train_textual_inversion(TextualInversionConfig(
+                **common, instance_data_dir=str(self.data["b"]), placeholder_token=TI_TOKEN, initializer_token=TI_SHAPE,
+                num_vectors=2, learning_rate=1e-2, max_train_steps=s.textual_inversion_steps))
+        raise ValueError(f"unknown method {name!r}; expected one of {METHODS}")
+
+    def run_method(self, name: str) -> dict:
+        """Train, load the result through diffusers, score it against the base, and draw its grid."""
+        concept = CONCEPT_OF[name]
+        _say(f"{name}: training on concept {concept.upper()} ...")
+        start = time.perf_counter()
+        result = self.train(name)
+        seconds = time.perf_counter() - start
+        base = self.base_report(concept)
+        report = self.evaluate(_load_result(name, self.base, result.output_dir), concept)
+        metrics = {"concept": concept, **report.as_dict(base=base), "steps": result.global_step,
+                   "train_seconds": round(seconds, 1), "eval_seconds": round(report.seconds, 1)}
+        _before_after(base, report, name, self.output_dir / f"{name}.png")
+        _say(f"{name}: {result.global_step} steps in {seconds:.0f} s; {_summary(metrics, base.as_dict())}")
+        return metrics
+
+
+def run_demo(output_dir: str | Path = "sdtune-demo", *, quick: bool = False, seed: int = 0,
+             base: str | Path = BASE_DIR, settings: DemoSettings | None = None) -> dict:
+    """Run the four methods and write grids and ``metrics.json`` to ``output_dir``; return the metrics."""
+    start = time.perf_counter()
+    demo = Demo(output_dir, base=base, settings=settings or (DemoSettings.quick() if quick else DemoSettings()), seed=seed)
+    _say(f"base model: {demo.base}")
+    held_in = demo.held_in_accuracy()
+    metrics: dict = {"base": {"held_in": held_in, **{f"concept_{c}": demo.base_report(c).as_dict() for c in ("a", "b")}}}
+    _say(f"base: held-in prompts fully right {held_in['all']:.0%} (shape {held_in['shape']:.0%}, colour "
+         f"{held_in['color']:.0%}, background {held_in['background']:.0%}); subject fidelity concept A "
+         f"{metrics['base']['concept_a']['subject_fidelity']:.0%}, concept B {metrics['base']['concept_b']['subject_fidelity']:.0%}")
+    for name in METHODS:
+        metrics[name] = demo.run_method(name)
+    metrics["seconds"] = round(time.perf_counter() - start, 1)
+    (demo.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _print_table(metrics)
+    _say(f"wrote {demo.output_dir / 'metrics.json'} and the grids {', '.join(f'{n}.png' for n in METHODS)} "
+         f"in {metrics['seconds']:.0f} s")
+    return metrics
+
+
+def _print_table(metrics: dict) -> None:
+    columns = ("subject_fidelity", "context_fidelity", "prior_preservation", "prior_drift")
+    print(f"{'':22}{'concept':>8}" + "".join(f"{c:>20}" for c in columns))
+    for name in ("base",) + METHODS:
+        rows = [("a", metrics["base"]["concept_a"]), ("b", metrics["base"]["concept_b"])] if name == "base" else \
+            [(metrics[name]["concept"], metrics[name])]
+        for concept, row in rows:
+            print(f"{name:22}{concept.upper():>8}" + "".join(f"{row[c]:>20.2f}" for c in columns))
+
+
+def _pipeline(path: str | Path) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _load_result(name: str, base: str | Path, output: Path) -> StableDiffusionPipeline:
+    """Each result through the loader its users call: load_lora_weights, from_pretrained, load_textual_inversion."""
+    if name.startswith("dreambooth"):
+        return _pipeline(output)
+    pipe = _pipeline(base)
+    if name == "lora":
+        pipe.load_lora_weights(output)
+    else:
+        pipe.load_textual_inversion(output)
+    return pipe
+
+
+def _summary(figures: dict, base: dict) -> str:
+    return (f"subject fidelity {figures['subject_fidelity']:.0%} (base {base['subject_fidelity']:.0%}), "
+            f"context fidelity {figures['context_fidelity']:.0%} (base {base['context_fidelity']:.0%}), "
+            f"prior preservation {figures['prior_preservation']:.2f}, prior drift {figures['prior_drift']:.0%} "
+            f"(base {base['prior_drift']:.0%})")
+
+
+def _before_after(base: ConceptReport, tuned: ConceptReport, name: str, path: Path, per_row: int = 8) -> None:
+    """Rows: subject, context, class prompts; the base's samples left, the fine-tuned model's right (same seeds)."""
     rows = []
-    for with_lora in (False, True):
-        if with_lora:
-            pipe.load_lora_weights(lora_dir)
-        generator = torch.Generator().manual_seed(seed)
-        rows.append(pipe([PROMPT] * n, num_inference_steps=20, height=64, width=64, generator=generator).images)
-    make_grid(rows[0] + rows[1], columns=n).save(path)
+    for kind in ("subject", "context", "prior"):
+        rows += base.samples[kind][:per_row] + tuned.samples[kind][:per_row]
+    grid = make_grid([im.resize((96, 96), Image.Resampling.NEAREST) for im in rows], columns=2 * per_row)
+    canvas = Image.new("RGB", (grid.width, grid.height + 20), "white")
+    canvas.paste(grid, (0, 20))
+    pen = ImageDraw.Draw(canvas)
+    pen.text((4, 4), "base (same seeds)", fill="black")
+    pen.text((grid.width // 2 + 4, 4), f"{name}   rows: subject / new context / class prompts", fill="black")
+    canvas.save(path)
+
+
+def _say(message: str) -> None:
+    print(f"demo: {message}", flush=True)
