@@ -26,7 +26,10 @@ from sdtune.toy.world import BACKGROUNDS, COLORS, HELD_OUT_PAIR, HELD_OUT_SHAPE,
 
 logger = logging.getLogger(__name__)
 
-SUBJECT = Scene(HELD_OUT_SHAPE, "yellow", "gray")  # concept A's instance images: one yellow star, on gray
+# Concept A's instance images: one yellow star, shown on two backgrounds so that the caption's
+# background words carry meaning; the third background is the new context it is asked in.
+SUBJECT_COLOR = "yellow"
+SUBJECT_BACKGROUNDS = ("gray", "white")
 SUBJECT_WORDS = "sks triangle"  # DreamBooth's rare token + class noun
 CLASS_SHAPE = "triangle"
 TI_TOKEN = "<gsq>"
@@ -35,7 +38,7 @@ TI_COLOR, TI_SHAPE = HELD_OUT_PAIR
 
 def concept_a_spec() -> ConceptSpec:
     """The star, asked as "sks triangle"; contexts are the backgrounds its training images never show."""
-    new_backgrounds = [b for b in BACKGROUNDS if b != SUBJECT.background]
+    new_backgrounds = [b for b in BACKGROUNDS if b not in SUBJECT_BACKGROUNDS]
     return ConceptSpec(
         subject=[Probe(f"a {SUBJECT_WORDS}", lambda v: v.shape == HELD_OUT_SHAPE)],
         context=[Probe(f"a {SUBJECT_WORDS} on a {b} background", lambda v, b=b: v.shape == HELD_OUT_SHAPE and v.background == b)
@@ -101,7 +104,8 @@ class Demo:
         self.specs = {"a": concept_a_spec(), "b": concept_b_spec()}
         data = self.output_dir / "data"
         self.data = {
-            "a": render_folder(data / "concept_a", [SUBJECT], self.settings.instance_images, seed=seed,
+            "a": render_folder(data / "concept_a", [Scene(HELD_OUT_SHAPE, SUBJECT_COLOR, b) for b in SUBJECT_BACKGROUNDS],
+                               self.settings.instance_images, seed=seed,
                                caption=f"a {SUBJECT_WORDS} on a {{background}} background"),
             "b": render_folder(data / "concept_b", [Scene(TI_SHAPE, TI_COLOR, b) for b in BACKGROUNDS],
                                self.settings.concept_b_images, seed=seed + 1,
