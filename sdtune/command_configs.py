@@ -136,7 +136,7 @@ class DemoConfig:
     """`sdtune demo`: the offline toy world, taught with four methods, measured by a judge."""
 
     output_dir: str = option("sdtune-demo", "Where the data, trained outputs, grids and metrics.json go.")
-    quick: bool = option(False, "Fewer steps and samples: a first look in about two minutes (the figures are noisier).")
+    quick: bool = option(False, "Judge fewer samples: the same training in about half the time, with noisier figures.")
     seed: int = option(0, "Seed of the data, the training runs and the evaluation samples.")
     base_model: str | None = option(None, "Toy base model folder (default: the one shipped with sdtune).")
 

@@ -3,8 +3,8 @@
 A *judge* names what an image shows (for the toy world, ``sdtune.toy.judge``: shape, colour and
 background). The metrics compare its verdicts with what each prompt asked for:
 
-- subject fidelity: the share of subject prompts ("a sks triangle") that show the concept;
-- context fidelity: the share of subject-in-context prompts ("a sks triangle on a black
+- subject fidelity: the share of subject prompts ("a xon triangle") that show the concept;
+- context fidelity: the share of subject-in-context prompts ("a xon triangle on a black
   background") that show the concept *and* the asked context: the subject in new scenes, not a
   memorised training image;
 - prior: the share of class prompts ("a red triangle on a white background") still drawn right.

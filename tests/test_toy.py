@@ -63,6 +63,6 @@ def test_shipped_base_loads_in_diffusers_and_draws_held_in_prompts(base_pipe):
 
 
 def test_shipped_base_cannot_draw_the_held_out_star(base_pipe):
-    probes = [Probe("a sks triangle", lambda v: True), Probe("a star", lambda v: True)]
+    probes = [Probe("a xon triangle", lambda v: True), Probe("a star", lambda v: True)]
     verdicts = load_judge().classify([image for _, image in sample_probes(base_pipe, probes, 32, SamplingSettings())])
     assert sum(v.shape == HELD_OUT_SHAPE for v in verdicts) <= 3

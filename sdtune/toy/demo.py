@@ -1,7 +1,7 @@
 """`sdtune demo`: teach the toy world's held-out concepts to the shipped base model with four methods,
 load each result back through diffusers' own loaders, and measure what was learned and what was kept.
 
-Concept A (a star, never seen in pretraining) is taught as "sks triangle" by DreamBooth-LoRA and by
+Concept A (a star, never seen in pretraining) is taught as "xon triangle" by DreamBooth-LoRA and by
 full DreamBooth with and without prior preservation; concept B (a green square, a pairing never seen)
 is taught to a new token by textual inversion. The judge scores fixed-seed samples of every model.
 """
@@ -30,14 +30,17 @@ logger = logging.getLogger(__name__)
 # background words carry meaning; the third background is the new context it is asked in.
 SUBJECT_COLOR = "yellow"
 SUBJECT_BACKGROUNDS = ("gray", "white")
-SUBJECT_WORDS = "sks triangle"  # DreamBooth's rare token + class noun
+# DreamBooth's rare identifier + class noun. The identifier must be one token: with two (e.g. "sks"
+# is "s" + "ks"), the background words move to positions the toy text encoder never saw in
+# pretraining and even the base ignores them (background right 40% instead of 100%).
+SUBJECT_WORDS = "xon triangle"
 CLASS_SHAPE = "triangle"
 TI_TOKEN = "<gsq>"
 TI_COLOR, TI_SHAPE = HELD_OUT_PAIR
 
 
 def concept_a_spec() -> ConceptSpec:
-    """The star, asked as "sks triangle"; contexts are the backgrounds its training images never show."""
+    """The star, asked as "xon triangle"; contexts are the backgrounds its training images never show."""
     new_backgrounds = [b for b in BACKGROUNDS if b not in SUBJECT_BACKGROUNDS]
     return ConceptSpec(
         subject=[Probe(f"a {SUBJECT_WORDS}", lambda v: v.shape == HELD_OUT_SHAPE)],
@@ -69,21 +72,26 @@ def _class_probes(shape: str, exclude_color: str | None = None) -> list[Probe]:
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Steps and sample counts; ``quick`` shrinks them for a first look (and the test suite)."""
+    """The demo's recipe (tuned on the toy world) and sample counts; ``quick`` samples less."""
 
     num_samples: int = 96  # per figure (subject, context, prior)
     held_in_samples: int = 300
     instance_images: int = 8
     concept_b_images: int = 12
-    lora_steps: int = 300
-    dreambooth_steps: int = 300
+    lora_steps: int = 400
+    dreambooth_steps: int = 250
     textual_inversion_steps: int = 400
     num_class_images: int = 60
+    lora_learning_rate: float = 3e-3
+    dreambooth_learning_rate: float = 2e-4
+    textual_inversion_learning_rate: float = 1e-2
+    train_text_encoder: bool = True  # concept A: lets the identifier mean something apart from the class noun
+    text_encoder_lr: float = 5e-4
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(num_samples=32, held_in_samples=60, lora_steps=120, dreambooth_steps=120, textual_inversion_steps=150,
-                   num_class_images=30)
+        """The same training, judged on fewer samples (noisier figures, half the time)."""
+        return cls(num_samples=32, held_in_samples=60)
 
 
 METHODS = ("lora", "dreambooth", "dreambooth_no_prior", "textual_inversion")
@@ -105,8 +113,7 @@ class Demo:
         data = self.output_dir / "data"
         self.data = {
             "a": render_folder(data / "concept_a", [Scene(HELD_OUT_SHAPE, SUBJECT_COLOR, b) for b in SUBJECT_BACKGROUNDS],
-                               self.settings.instance_images, seed=seed,
-                               caption=f"a {SUBJECT_WORDS} on a {{background}} background"),
+                               self.settings.instance_images, seed=seed, caption=f"a {SUBJECT_WORDS}"),
             "b": render_folder(data / "concept_b", [Scene(TI_SHAPE, TI_COLOR, b) for b in BACKGROUNDS],
                                self.settings.concept_b_images, seed=seed + 1,
                                caption=f"a {TI_TOKEN} on a {{background}} background"),
@@ -138,22 +145,24 @@ class Demo:
         s, out = self.settings, str(self.output_dir / name)
         common = dict(pretrained_model_name_or_path=str(self.base), resolution=32, train_batch_size=4, seed=self.seed,
                       checkpointing_steps=0, report_to="none", mixed_precision="no", output_dir=out)
-        concept_a = dict(common, instance_data_dir=str(self.data["a"]))
+        concept_a = dict(common, instance_data_dir=str(self.data["a"]), train_text_encoder=s.train_text_encoder,
+                         text_encoder_lr=s.text_encoder_lr)
         prior = dict(with_prior_preservation=True, class_data_dir=str(self.output_dir / "data" / "class_triangle"),
                      class_prompt=f"a {CLASS_SHAPE}", num_class_images=s.num_class_images)
         if name == "lora":
             return train_dreambooth(DreamBoothConfig(**concept_a, **prior, use_lora=True, rank=8, lora_targets="attn_ff",
-                                                     learning_rate=1e-3, max_train_steps=s.lora_steps))
+                                                     learning_rate=s.lora_learning_rate, max_train_steps=s.lora_steps))
         if name == "dreambooth":
-            return train_dreambooth(DreamBoothConfig(**concept_a, **prior, learning_rate=2e-4,
+            return train_dreambooth(DreamBoothConfig(**concept_a, **prior, learning_rate=s.dreambooth_learning_rate,
                                                      max_train_steps=s.dreambooth_steps, save_precision="fp32"))
         if name == "dreambooth_no_prior":
-            return train_dreambooth(DreamBoothConfig(**concept_a, learning_rate=2e-4, max_train_steps=s.dreambooth_steps,
+            return train_dreambooth(DreamBoothConfig(**concept_a, learning_rate=s.dreambooth_learning_rate,
+                                                     max_train_steps=s.dreambooth_steps,
                                                      save_precision="fp32"))
         if name == "textual_inversion":
             return train_textual_inversion(TextualInversionConfig(
                 **common, instance_data_dir=str(self.data["b"]), placeholder_token=TI_TOKEN, initializer_token=TI_SHAPE,
-                num_vectors=2, learning_rate=1e-2, max_train_steps=s.textual_inversion_steps))
+                num_vectors=2, learning_rate=s.textual_inversion_learning_rate, max_train_steps=s.textual_inversion_steps))
         raise ValueError(f"unknown method {name!r}; expected one of {METHODS}")
 
     def run_method(self, name: str) -> dict:

@@ -133,7 +133,7 @@ def render_folder(
         scenes: Scenes to draw, in turn.
         num_images: How many images.
         seed: Seed of positions, sizes and caption variation; the same seed writes the same bytes.
-        caption: One caption for every image (e.g. "a sks triangle on a gray background");
+        caption: One caption for every image (e.g. "a xon triangle on a gray background");
             ``{background}`` in it is filled with the scene's background. Default: the scene's own.
         vary_captions: Use :func:`varied_caption` (pretraining data).
         size: Image side in pixels.
