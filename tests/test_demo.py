@@ -26,11 +26,11 @@ def test_short_finetune_teaches_the_concept_that_the_base_lacks(quick_demo, meth
 
 
 @pytest.mark.slow
-def test_prior_preservation_keeps_the_class_that_a_plain_dreambooth_overwrites(quick_demo):
+def test_prior_preservation_stops_class_prompts_turning_into_the_subject(quick_demo):
     _, metrics = quick_demo
     kept, overwritten = metrics["dreambooth"], metrics["dreambooth_no_prior"]
-    assert kept["prior_drift"] < overwritten["prior_drift"], (kept, overwritten)
-    assert kept["prior_preservation"] > overwritten["prior_preservation"], (kept, overwritten)
+    # measured with 96 samples: drift 3% with prior preservation, 35% without
+    assert overwritten["prior_drift"] >= kept["prior_drift"] + 0.15, (kept, overwritten)
 
 
 @pytest.mark.slow
