@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sdtune import checkpoint as ckpt
 from sdtune import diffusion
@@ -27,6 +28,7 @@ from sdtune.data.class_images import ensure_class_images
 from sdtune.data.training_data import build_training_data
 from sdtune.data.sources import find_records
 from sdtune.errors import ConfigError, TrainingDiverged
+from sdtune.export import follow_umask
 from sdtune.hub import push_to_hub
 from sdtune.model_card import write_training_card
 from sdtune.methods import Method
@@ -60,7 +62,8 @@ def train(config: TrainConfig, method: Method) -> TrainResult:
     trainer = Trainer(config, method)
     try:
         trainer.setup()
-        return trainer.train()
+        with logging_redirect_tqdm():  # log lines above the progress bar, not inside it
+            return trainer.train()
     finally:
         trainer.cleanup()
 
@@ -369,6 +372,7 @@ class Trainer:
             outputs["config"] = self.output_dir / CONFIG_FILE
             samples = sorted((self.output_dir / "validation").glob(f"step{self.state.global_step:06d}-*.png"))
             outputs["model_card"] = write_training_card(self.output_dir, config, self.method.card_type, samples)
+            follow_umask(self.output_dir)  # safetensors writes 0600 files
             logger.info("wrote %s", ", ".join(str(p) for p in outputs.values()))
         self.accelerator.wait_for_everyone()
         if config.push_to_hub and self.accelerator.is_main_process:

@@ -32,6 +32,7 @@ class Components:
     inference_scheduler: SchedulerMixin  # the base model's own sampler (PNDM for SD 1.5), kept for exports
     prediction_type: str
     fingerprint: str
+    source_file: str | None = None  # the single-file checkpoint the model came from, if it did
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -99,6 +100,7 @@ def load_components(
     return Components(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=noise_scheduler,
         inference_scheduler=scheduler, prediction_type=noise_scheduler.config.prediction_type, fingerprint=_fingerprint(vae),
+        source_file=source if Path(source).is_file() else None,
     )
 
 

@@ -168,6 +168,8 @@ def test_pipeline_and_single_file_exports_round_trip(db_config, tmp_path):
     for k, v in single.unet.state_dict().items():
         assert torch.equal(v, pipe.unet.state_dict()[k])
     assert (out / "sdtune_config.yaml").is_file() and not list(out.rglob("*.bin"))
+    # transformers 4's CLIPTokenizer (diffusers 0.32's loader there) needs vocab.json + merges.txt
+    assert (out / "tokenizer" / "vocab.json").is_file() and (out / "tokenizer" / "merges.txt").is_file()
 
 
 def test_ema_weights_differ_from_the_raw_weights_and_are_exported(db_config):

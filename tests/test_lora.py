@@ -1,6 +1,7 @@
 """The LoRA method: what trains, what stays frozen, and that both exports load in diffusers."""
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -148,3 +149,16 @@ def test_dora_trains_and_exports_magnitude(lora_config, targets):
     x, t, ehs, _ = _fixed_inputs(pipe.tokenizer)
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(x, t, ehs).sample, trainer.components.unet(x, t, ehs).sample, atol=1e-5, rtol=1e-5)
+
+
+def test_diffusers_file_keeps_the_text_model_level_and_files_follow_the_umask(trained):
+    """diffusers 0.32 + transformers 4 fail (IndexError in get_peft_kwargs) on text-encoder keys without `text_model.`."""
+    config, trainer, result, *_ = trained
+    with safe_open(result.outputs["diffusers"], "pt") as f:
+        te_keys = [k for k in f.keys() if k.startswith("text_encoder.")]
+    assert bool(te_keys) == config.train_text_encoder
+    assert all(k.startswith("text_encoder.text_model.encoder.layers.") for k in te_keys)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (result.outputs["diffusers"], result.outputs["kohya"], result.outputs["config"]):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path  # safetensors alone writes 0600

@@ -165,3 +165,28 @@ def test_openclip_is_detected_by_its_gelu_activation(exported):
     tensors = to_original_state_dict(components.unet, components.vae, CLIPTextModel(config))
     assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in tensors
     assert not any(k.startswith("cond_stage_model.transformer.") for k in tensors)
+
+
+def test_text_encoder_tensors_diffusers_drops_are_carried_from_the_source_file(exported, tiny_model, tmp_path):
+    """An SD 2.x file's last OpenCLIP layer (which diffusers does not load) survives a DreamBooth export (ComfyUI)."""
+    components, _ = exported
+    source = to_original_state_dict(components.unet, components.vae, components.text_encoder, text_encoder_layout="openclip")
+    layers = components.text_encoder.config.num_hidden_layers
+    last = f"cond_stage_model.model.transformer.resblocks.{layers}."  # the layer SD 2.x skips
+    g = torch.Generator().manual_seed(2)
+    extra = {last + k: torch.randn(v.shape, generator=g) for k, v in source.items()
+             if k.startswith("cond_stage_model.model.transformer.resblocks.0.")}
+    extra["cond_stage_model.model.text_projection"] = torch.randn(32, 32, generator=g)
+    save_file({**{k: v.contiguous() for k, v in source.items()}, **extra}, str(tmp_path / "sd2.safetensors"))
+    loaded = load_components(str(tmp_path / "sd2.safetensors"), single_file_config=str(tiny_model))
+    assert loaded.source_file == str(tmp_path / "sd2.safetensors")
+    assert loaded.text_encoder.config.num_hidden_layers == layers
+    path = save_single_file(tmp_path / "out.safetensors", loaded.unet, loaded.vae, loaded.text_encoder,
+                            dtype=torch.float32, text_encoder_layout="openclip", carry_from=loaded.source_file)
+    written = load_file(str(path))
+    for key, tensor in extra.items():
+        assert torch.equal(written[key], tensor), key
+    assert len(written) == len(source) + len(extra)
+    # the carried layer is not read back by diffusers, and the model is unchanged
+    _assert_same_weights(components, StableDiffusionPipeline.from_single_file(str(path), config=str(tiny_model),
+                                                                              safety_checker=None))

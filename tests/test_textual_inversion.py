@@ -144,6 +144,11 @@ def test_pivotal_export_loads_in_diffusers_and_changes_the_image(pivotal_config,
         keys = list(f.keys())
         bundle = f.get_tensor("bundle_emb.cat-toy.string_to_param.*")
     assert bundle.shape == (2, 32) and any(k.startswith("lora_unet_") for k in keys)
+    # ComfyUI skips bundle_emb keys: the embedding also comes as its own file, for models/embeddings
+    with safe_open(result.outputs["a1111_embedding"], "pt") as f:
+        assert list(f.keys()) == ["emb_params"]
+        torch.testing.assert_close(f.get_tensor("emb_params"), bundle.float(), atol=1e-3, rtol=1e-3)  # bundle: fp16
+    assert result.outputs["a1111_embedding"].name == "cat-toy.safetensors"
 
 
 @pytest.mark.parametrize("set_grads_to_none", [True, False])
