@@ -100,12 +100,15 @@ class Trainer:
             dataset_config_name=config.dataset_config_name, image_column=config.image_column,
             caption_column=config.caption_column, caption_extension=config.caption_extension,
         )
+        resume = None  # a wrong --resume_from_checkpoint fails here, not after a minute of model loading
+        if config.resume_from_checkpoint:
+            resume = ckpt.resolve_checkpoint(config.resume_from_checkpoint, self.output_dir)
         self._setup_model()
         self._setup_data(records)
         self._setup_optimizer()
         self.state = ckpt.TrainerState()
         if config.resume_from_checkpoint:
-            self._resume()
+            self._resume(resume)
         if config.report_to != "none" and self.accelerator.is_main_process:
             self.accelerator.init_trackers(config.tracker_project_name, config=_tracker_config(config))
 
@@ -172,15 +175,33 @@ class Trainer:
         self.text_encoder = wrapped.get(id(self.components.text_encoder), self.components.text_encoder)
         self.trained_params = [p for group in self.param_groups for p in group["params"]]
 
-    def _resume(self) -> None:
-        path = ckpt.resolve_checkpoint(self.config.resume_from_checkpoint, self.output_dir)
+    def _resume(self, path: Path | None) -> None:
         if path is None:
             logger.info("no checkpoint in %s yet; starting from step 0", self.output_dir)
             return
-        self.state, trained = ckpt.load_checkpoint(path, self.optimizer, self.lr_scheduler, self.accelerator.scaler)
+        self._check_checkpoint_fits(path)
+        try:
+            self.state, trained = ckpt.load_checkpoint(path, self.optimizer, self.lr_scheduler, self.accelerator.scaler)
+        except (ValueError, KeyError) as err:  # e.g. another --optimizer, or parameter groups
+            raise ConfigError(f"--resume_from_checkpoint {path}: its optimizer state does not fit this run "
+                              f"({' '.join(str(err).split())[:120]}); resume with the settings it was saved with") from None
         self.method.load_state_dict(self.components, trained)
         self._stop_finished_groups()
         logger.info("resumed from %s at step %d", path, self.state.global_step)
+
+    def _check_checkpoint_fits(self, path: Path) -> None:
+        """Name the first trained tensor whose shape differs (another --rank, --lora_targets, ...) in one line."""
+        from safetensors import safe_open
+
+        with safe_open(str(path / "trained.safetensors"), "pt") as f:
+            saved = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+        now = {key: list(tensor.shape) for key, tensor in self.method.state_dict(self.components).items()}
+        if saved != now:
+            key = next(k for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k))
+            raise ConfigError(
+                f"--resume_from_checkpoint {path} was saved with other settings: {key} is {saved.get(key, 'absent')} "
+                f"there and {now.get(key, 'absent')} now (another --rank, --lora_targets, --train_text_encoder, ...?); "
+                "resume with the settings it was saved with, or start a new --output_dir")
 
     # ------------------------------------------------------------------ train
     def train(self) -> TrainResult:

@@ -19,6 +19,11 @@ def _assert_same_weights(expected, actual):
             assert torch.equal(want[key], got[key]), f"{name}.{key}"
 
 
+def _without_text_model_level(state_dict):
+    """transformers 4's CLIPTextModel keys (text_model.encoder...) as transformers 5 names them."""
+    return {k.removeprefix("text_model."): v for k, v in state_dict.items()}
+
+
 def _image(pipe):
     out = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
                generator=torch.Generator().manual_seed(0))
@@ -52,6 +57,7 @@ def test_key_layout(exported):
     prefixes = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model.")
     assert all(key.startswith(prefixes) for key in tensors)
     unet, vae, te = (m.state_dict() for m in (components.unet, components.vae, components.text_encoder))
+    te = _without_text_model_level(te)
     assert len(tensors) == len(unet) + len(vae) + len(te)
     spot_checks = {
         "model.diffusion_model.input_blocks.0.0.weight": unet["conv_in.weight"],
@@ -134,7 +140,7 @@ def test_unet_layout_follows_the_config(exported, tmp_path):
 
 def test_openclip_layout_fuses_qkv(exported, tiny_model, tmp_path):
     components, _ = exported
-    te = components.text_encoder.state_dict()
+    te = _without_text_model_level(components.text_encoder.state_dict())
     tensors = to_original_state_dict(components.unet, components.vae, components.text_encoder,
                                      text_encoder_layout="openclip")
     text_keys = [k for k in tensors if k.startswith("cond_stage_model.")]
