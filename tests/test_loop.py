@@ -220,3 +220,25 @@ def test_a_wrong_checkpoint_path_fails_before_the_model_loads(lora_config, tmp_p
     monkeypatch.setattr(sdtune.loop, "load_components", no_loading)
     with pytest.raises(SdtuneError, match="not a complete sdtune checkpoint"):
         train_lora(dataclasses.replace(lora_config, resume_from_checkpoint=str(tmp_path / "nope")))
+
+
+def test_log_lines_go_through_tqdm_during_training(lora_config, monkeypatch):
+    """A console log handler would print inside the progress bar; during the loop tqdm's handler replaces it."""
+    import logging
+    import sys
+
+    console = logging.StreamHandler(sys.stderr)
+    logging.root.addHandler(console)
+    seen = []
+    original_step = Trainer.training_step
+
+    def step(self, batch, micro_step):
+        seen.append([type(h).__name__ for h in logging.root.handlers])
+        return original_step(self, batch, micro_step)
+
+    monkeypatch.setattr(Trainer, "training_step", step)
+    try:
+        train_lora(dataclasses.replace(lora_config, max_train_steps=1))
+    finally:
+        logging.root.removeHandler(console)
+    assert seen and "_TqdmLoggingHandler" in seen[0] and "StreamHandler" not in seen[0]
