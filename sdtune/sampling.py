@@ -202,6 +202,7 @@ def _add_lora(pipe, config) -> None:
     if not config.lora:
         return
     from sdtune.errors import ConfigError
+    from sdtune.export import DIFFUSERS_LORA_FILE
 
     path = Path(config.lora)
     if not path.exists():
@@ -210,7 +211,9 @@ def _add_lora(pipe, config) -> None:
         if path.is_file():
             _load_lora_file(pipe, path)
         else:
-            pipe.load_lora_weights(str(path), adapter_name="lora")
+            # the file named: diffusers before ~0.40 cannot search a local folder offline
+            weight_name = DIFFUSERS_LORA_FILE if (path / DIFFUSERS_LORA_FILE).is_file() else None
+            pipe.load_lora_weights(str(path), weight_name=weight_name, adapter_name="lora")
     pipe.set_adapters(["lora"], adapter_weights=[config.lora_scale])
 
 

@@ -9,6 +9,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
 from sdtune import LoRAMethod
+from sdtune.export import DIFFUSERS_LORA_FILE
 from sdtune.loop import Trainer
 from sdtune.methods.lora import KOHYA_LORA_FILE, unet_target_modules
 from sdtune.models import load_components
@@ -82,7 +83,8 @@ def test_exports_load_in_diffusers_with_the_trained_scale(trained, tiny_model, w
     x, t, ehs, ids = _fixed_inputs(pipe.tokenizer)
     with torch.no_grad():
         base_out = pipe.unet(x, t, ehs).sample
-    pipe.load_lora_weights(result.output_dir, **({"weight_name": weight_name} if weight_name else {}))
+    # weight_name: diffusers before ~0.40 cannot search a local folder offline
+    pipe.load_lora_weights(result.output_dir, weight_name=weight_name or DIFFUSERS_LORA_FILE)
     with torch.no_grad():
         loaded_out = pipe.unet(x, t, ehs).sample
         loaded_te = pipe.text_encoder(ids)[0]
@@ -103,7 +105,7 @@ def test_export_changes_the_generated_image(trained, tiny_model):
         return torch.from_numpy(out.images[0])
 
     before = image()
-    pipe.load_lora_weights(result.output_dir)
+    pipe.load_lora_weights(result.output_dir, weight_name=DIFFUSERS_LORA_FILE)
     assert (image() - before).abs().max() > 1 / 255
 
 
@@ -145,7 +147,8 @@ def test_dora_trains_and_exports_magnitude(lora_config, targets):
     assert scales  # per-output-row magnitudes as LyCORIS/ComfyUI read them: [out, 1]
     assert all(s.shape == (ups[k].shape[0],) + (1,) * (ups[k].ndim - 1) for k, s in scales.items())
     pipe = StableDiffusionPipeline.from_pretrained(config.pretrained_model_name_or_path, safety_checker=None)
-    pipe.load_lora_weights(result.output_dir)  # the diffusers file carries DoRA's magnitudes
+    # the diffusers file carries DoRA's magnitudes
+    pipe.load_lora_weights(result.output_dir, weight_name=DIFFUSERS_LORA_FILE)
     x, t, ehs, _ = _fixed_inputs(pipe.tokenizer)
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(x, t, ehs).sample, trainer.components.unet(x, t, ehs).sample, atol=1e-5, rtol=1e-5)

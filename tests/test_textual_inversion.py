@@ -11,7 +11,7 @@ from safetensors import safe_open
 from sdtune import LoRAConfig, TextualInversionConfig, TextualInversionMethod, train_lora
 from sdtune.cli import main
 from sdtune.errors import ConfigError
-from sdtune.export import LEARNED_EMBEDS_FILE
+from sdtune.export import DIFFUSERS_LORA_FILE, LEARNED_EMBEDS_FILE
 from sdtune.loop import Trainer
 from sdtune.methods.embeddings import NewTokenEmbeddings
 from sdtune.methods.textual_inversion import OBJECT_TEMPLATES, TEMPLATE_CAPTION, caption_from_templates
@@ -138,7 +138,7 @@ def test_pivotal_export_loads_in_diffusers_and_changes_the_image(pivotal_config,
         return torch.from_numpy(out.images[0])
 
     embeddings_only = image()
-    pipe.load_lora_weights(result.output_dir)
+    pipe.load_lora_weights(result.output_dir, weight_name=DIFFUSERS_LORA_FILE)
     assert (image() - embeddings_only).abs().max() > 1 / 255
     with safe_open(result.outputs["kohya"], "pt") as f:
         keys = list(f.keys())
