@@ -87,6 +87,29 @@ def with_text_model_level(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
     return {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in state_dict.items()}
 
 
+def add_text_model_level_to_saved_text_encoder(folder: str | Path) -> None:
+    """Rewrite a saved ``CLIPTextModel``'s safetensors with the ``text_model.`` key level.
+
+    transformers 5 saves the keys without it, and transformers 4 then loads the folder with a
+    randomly initialised text encoder (a warning, not an error). transformers 5 reads both.
+    """
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            if all(key.startswith("text_model.") for key in f.keys()):
+                continue
+            metadata = f.metadata()
+            tensors = with_text_model_level({key: f.get_tensor(key) for key in f.keys()})
+        atomic_save_file(tensors, path, metadata)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # sharded: the index names every key too
+        data = json.loads(index.read_text(encoding="utf-8"))
+        data["weight_map"] = with_text_model_level(data["weight_map"])
+        index.write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """``safetensors.save_file`` through a temporary file, so a crash never leaves a truncated file."""
     path = Path(path)

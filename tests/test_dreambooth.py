@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
@@ -170,6 +171,8 @@ def test_pipeline_and_single_file_exports_round_trip(db_config, tmp_path):
     assert (out / "sdtune_config.yaml").is_file() and not list(out.rglob("*.bin"))
     # transformers 4's CLIPTokenizer (diffusers 0.32's loader there) needs vocab.json + merges.txt
     assert (out / "tokenizer" / "vocab.json").is_file() and (out / "tokenizer" / "merges.txt").is_file()
+    # transformers 4 loads text-encoder keys without `text_model.` as a random encoder (transformers 5 writes them so)
+    assert all(k.startswith("text_model.") for k in load_file(str(out / "text_encoder" / "model.safetensors")))
 
 
 def test_ema_weights_differ_from_the_raw_weights_and_are_exported(db_config):
