@@ -149,7 +149,9 @@ class LoRAMethod:
 
     def export(self, components: Components, output_dir: Path) -> dict[str, Path]:
         unet_sd, te_sd = self.lora_state_dicts(components)
-        metadata = {"r": self.config.rank, "lora_alpha": self.lora_alpha, "use_dora": self.config.use_dora}
+        # rank_pattern and alpha_pattern (empty): diffusers 0.34 reads them from the metadata unconditionally
+        metadata = {"r": self.config.rank, "lora_alpha": self.lora_alpha, "use_dora": self.config.use_dora,
+                    "rank_pattern": {}, "alpha_pattern": {}}
         StableDiffusionPipeline.save_lora_weights(
             output_dir,
             # peft key names (lora_A/lora_B) as diffusers' loader reads them; diffusers' own
