@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
 from PIL import Image
 
 from sdtune import DreamBoothConfig, DreamBoothMethod, train_dreambooth
