@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -134,10 +135,24 @@ def _add_config_flags(parser: argparse.ArgumentParser, command: Command) -> None
         group.add_argument(*flags, **kwargs)
 
 
+_NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _attach_negative_numbers(argv: Sequence[str]) -> list[str]:
+    """``--learning_rate -1e-4`` as ``--learning_rate=-1e-4``: argparse takes -1e-4 for an option."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE_NUMBER.fullmatch(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def parse_config(command: str, argv: Sequence[str]):
     """Resolve recipe + flags (+ positional) for a subcommand into its frozen config."""
     spec = COMMANDS[command]
-    args, unknown = build_parser().parse_known_args([command, *argv])
+    args, unknown = build_parser().parse_known_args([command, *_attach_negative_numbers(argv)])
     names = [f.name for f in dataclasses.fields(spec.config_cls)]
     if unknown:
         flag = next((u for u in unknown if u.startswith("-")), unknown[0])

@@ -5,6 +5,7 @@ Only safetensors are written.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -68,17 +69,45 @@ def save_kohya_lora(
     """
     tensors = peft_to_kohya(unet_state_dict, KOHYA_UNET_PREFIX, alpha)
     if text_encoder_state_dict:
-        # A1111/ComfyUI name CLIP modules as transformers 4 did (text_model.encoder.layers...);
-        # transformers 5 dropped the text_model level, so put it back.
-        text_encoder_state_dict = {
-            (k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in text_encoder_state_dict.items()
-        }
-        tensors.update(peft_to_kohya(text_encoder_state_dict, KOHYA_TEXT_ENCODER_PREFIX, alpha))
+        tensors.update(peft_to_kohya(with_text_model_level(text_encoder_state_dict), KOHYA_TEXT_ENCODER_PREFIX, alpha))
     tensors.update(extra or {})  # e.g. bundled pivotal-tuning embeddings
     tensors = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".alpha") else v for k, v in tensors.items()}
     header = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha)}
     header.update(metadata or {})
     return atomic_save_file(tensors, path, header)
+
+
+def with_text_model_level(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CLIP text-encoder keys with the ``text_model.`` level (``text_model.encoder.layers.0...``).
+
+    transformers 5 dropped that level from ``CLIPTextModel``; transformers 4 (with diffusers
+    0.32's LoRA loader), A1111 and ComfyUI still need it, and diffusers with transformers 5
+    reads it too, so files are written with it whatever transformers trained them.
+    """
+    return {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in state_dict.items()}
+
+
+def add_text_model_level_to_saved_text_encoder(folder: str | Path) -> None:
+    """Rewrite a saved ``CLIPTextModel``'s safetensors with the ``text_model.`` key level.
+
+    transformers 5 saves the keys without it, and transformers 4 then loads the folder with a
+    randomly initialised text encoder (a warning, not an error). transformers 5 reads both.
+    """
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            if all(key.startswith("text_model.") for key in f.keys()):
+                continue
+            metadata = f.metadata()
+            tensors = with_text_model_level({key: f.get_tensor(key) for key in f.keys()})
+        atomic_save_file(tensors, path, metadata)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # sharded: the index names every key too
+        data = json.loads(index.read_text(encoding="utf-8"))
+        data["weight_map"] = with_text_model_level(data["weight_map"])
+        index.write_text(json.dumps(data, indent=2), encoding="utf-8")
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -87,8 +116,47 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; follow the umask like every other file
     os.replace(tmp, path)
     return path
+
+
+def follow_umask(folder: str | Path) -> None:
+    """Give the ``.safetensors`` files under ``folder`` the umask's mode, as every other file has.
+
+    safetensors creates its files 0600 (diffusers' and transformers' ``save_pretrained`` and
+    ``save_lora_weights`` included), which a shared model folder or web server cannot read.
+    """
+    mode = 0o666 & ~_umask()
+    for path in Path(folder).rglob("*.safetensors"):
+        if path.is_file() and path.stat().st_mode & 0o777 == 0o600 and mode != 0o600:
+            path.chmod(mode)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set straight back
+    os.umask(mask)
+    return mask
+
+
+def save_tokenizer_vocab_files(tokenizer_dir: str | Path) -> None:
+    """Write ``vocab.json`` and ``merges.txt`` beside a saved CLIP ``tokenizer.json`` if they are missing.
+
+    transformers 5 saves a CLIP tokenizer as ``tokenizer.json`` only; transformers 4's
+    ``CLIPTokenizer`` (what diffusers loads there), A1111 and other tools read the vocabulary and
+    merges files. Both come from the tokenizer.json's BPE model, so the tokenizers are identical.
+    """
+    folder = Path(tokenizer_dir)
+    vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
+    if (vocab_path.is_file() and merges_path.is_file()) or not (folder / "tokenizer.json").is_file():
+        return
+    model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    if model.get("type") != "BPE":
+        return
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]  # "a b" or ["a", "b"]
+    vocab_path.write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    # CLIPTokenizer skips the first line of merges.txt, the version header
+    merges_path.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
 def save_precision_dtype(name: str) -> torch.dtype:

@@ -7,6 +7,7 @@ login); sdtune only hands it to ``HfApi`` and never logs, prints or writes it.
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
@@ -114,7 +115,7 @@ def push_to_hub(
             or it stays unreachable after ``max_retries`` retries.
     """
     folder = Path(folder)
-    retry = f"`sdtune push {folder} --repo_id {repo_id}" + (f" --revision {revision}`" if revision else "`")
+    retry = f"`{_push_command(folder, repo_id, private, revision, commit_message)}`"
     if not folder.is_dir():
         raise HubError(f"nothing to push: {folder} is not a folder; pass the output_dir of a finished run")
     api = HfApi(endpoint=endpoint, token=token)
@@ -143,6 +144,19 @@ def push_to_hub(
         ) from err
     logger.info("pushed %s to %s (commit %s)", folder, repo_url, commit_url)
     return commit_url
+
+
+def _push_command(folder: Path, repo_id: str, private: bool, revision: str | None, commit_message: str) -> str:
+    """The `sdtune push` command that repeats this upload, every option included (dropping --private
+    would make a copied retry create a public repository); never the token."""
+    parts = ["sdtune", "push", str(folder), "--repo_id", repo_id]
+    if private:
+        parts.append("--private")
+    if revision:
+        parts += ["--revision", revision]
+    if commit_message != "Upload with sdtune":
+        parts += ["--commit_message", commit_message]
+    return shlex.join(parts)
 
 
 def _http_message(

@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sdtune import checkpoint as ckpt
 from sdtune import diffusion
@@ -27,6 +28,7 @@ from sdtune.data.class_images import ensure_class_images
 from sdtune.data.training_data import build_training_data
 from sdtune.data.sources import find_records
 from sdtune.errors import ConfigError, TrainingDiverged
+from sdtune.export import follow_umask
 from sdtune.hub import push_to_hub
 from sdtune.model_card import write_training_card
 from sdtune.methods import Method
@@ -60,7 +62,8 @@ def train(config: TrainConfig, method: Method) -> TrainResult:
     trainer = Trainer(config, method)
     try:
         trainer.setup()
-        return trainer.train()
+        with logging_redirect_tqdm():  # log lines above the progress bar, not inside it
+            return trainer.train()
     finally:
         trainer.cleanup()
 
@@ -97,12 +100,15 @@ class Trainer:
             dataset_config_name=config.dataset_config_name, image_column=config.image_column,
             caption_column=config.caption_column, caption_extension=config.caption_extension,
         )
+        resume = None  # a wrong --resume_from_checkpoint fails here, not after a minute of model loading
+        if config.resume_from_checkpoint:
+            resume = ckpt.resolve_checkpoint(config.resume_from_checkpoint, self.output_dir)
         self._setup_model()
         self._setup_data(records)
         self._setup_optimizer()
         self.state = ckpt.TrainerState()
         if config.resume_from_checkpoint:
-            self._resume()
+            self._resume(resume)
         if config.report_to != "none" and self.accelerator.is_main_process:
             self.accelerator.init_trackers(config.tracker_project_name, config=_tracker_config(config))
 
@@ -169,15 +175,33 @@ class Trainer:
         self.text_encoder = wrapped.get(id(self.components.text_encoder), self.components.text_encoder)
         self.trained_params = [p for group in self.param_groups for p in group["params"]]
 
-    def _resume(self) -> None:
-        path = ckpt.resolve_checkpoint(self.config.resume_from_checkpoint, self.output_dir)
+    def _resume(self, path: Path | None) -> None:
         if path is None:
             logger.info("no checkpoint in %s yet; starting from step 0", self.output_dir)
             return
-        self.state, trained = ckpt.load_checkpoint(path, self.optimizer, self.lr_scheduler, self.accelerator.scaler)
+        self._check_checkpoint_fits(path)
+        try:
+            self.state, trained = ckpt.load_checkpoint(path, self.optimizer, self.lr_scheduler, self.accelerator.scaler)
+        except (ValueError, KeyError) as err:  # e.g. another --optimizer, or parameter groups
+            raise ConfigError(f"--resume_from_checkpoint {path}: its optimizer state does not fit this run "
+                              f"({' '.join(str(err).split())[:120]}); resume with the settings it was saved with") from None
         self.method.load_state_dict(self.components, trained)
         self._stop_finished_groups()
         logger.info("resumed from %s at step %d", path, self.state.global_step)
+
+    def _check_checkpoint_fits(self, path: Path) -> None:
+        """Name the first trained tensor whose shape differs (another --rank, --lora_targets, ...) in one line."""
+        from safetensors import safe_open
+
+        with safe_open(str(path / "trained.safetensors"), "pt") as f:
+            saved = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+        now = {key: list(tensor.shape) for key, tensor in self.method.state_dict(self.components).items()}
+        if saved != now:
+            key = next(k for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k))
+            raise ConfigError(
+                f"--resume_from_checkpoint {path} was saved with other settings: {key} is {saved.get(key, 'absent')} "
+                f"there and {now.get(key, 'absent')} now (another --rank, --lora_targets, --train_text_encoder, ...?); "
+                "resume with the settings it was saved with, or start a new --output_dir")
 
     # ------------------------------------------------------------------ train
     def train(self) -> TrainResult:
@@ -369,6 +393,7 @@ class Trainer:
             outputs["config"] = self.output_dir / CONFIG_FILE
             samples = sorted((self.output_dir / "validation").glob(f"step{self.state.global_step:06d}-*.png"))
             outputs["model_card"] = write_training_card(self.output_dir, config, self.method.card_type, samples)
+            follow_umask(self.output_dir)  # safetensors writes 0600 files
             logger.info("wrote %s", ", ".join(str(p) for p in outputs.values()))
         self.accelerator.wait_for_everyone()
         if config.push_to_hub and self.accelerator.is_main_process:

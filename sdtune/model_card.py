@@ -114,7 +114,7 @@ def _image_in(output_dir: Path, image: Path) -> str:
 
 def _snippet(method: str, source: str, prompt: str, base_model: str) -> str:
     source, prompt, base_model = json.dumps(source), json.dumps(prompt), json.dumps(base_model)  # quoted, escaped
-    pipeline = "pipe = StableDiffusionPipeline.from_pretrained({}, torch_dtype=torch.float16).to(\"cuda\")"
+    pipeline = "pipe = StableDiffusionPipeline.from_pretrained({}, torch_dtype=dtype).to(device)"
     load = {
         "lora": f"{pipeline.format(base_model)}\npipe.load_lora_weights({source})",
         "dreambooth": pipeline.format(source),
@@ -122,6 +122,8 @@ def _snippet(method: str, source: str, prompt: str, base_model: str) -> str:
     }[method]
     return (
         "```python\nimport torch\nfrom diffusers import StableDiffusionPipeline\n\n"
+        "device = \"cuda\" if torch.cuda.is_available() else \"mps\" if torch.backends.mps.is_available() else \"cpu\"\n"
+        "dtype = torch.float32 if device == \"cpu\" else torch.float16  # fp16 is slow or unsupported on CPUs\n"
         f"{load}\nimage = pipe({prompt}).images[0]\nimage.save(\"sample.png\")\n```"
     )
 

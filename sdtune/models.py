@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class Components:
     inference_scheduler: SchedulerMixin  # the base model's own sampler (PNDM for SD 1.5), kept for exports
     prediction_type: str
     fingerprint: str
+    source_file: str | None = None  # the single-file checkpoint the model came from, if it did
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -99,6 +101,7 @@ def load_components(
     return Components(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=noise_scheduler,
         inference_scheduler=scheduler, prediction_type=noise_scheduler.config.prediction_type, fingerprint=_fingerprint(vae),
+        source_file=source if Path(source).is_file() else None,
     )
 
 
@@ -127,8 +130,18 @@ def _load_single_file(path: str, config: str | None, allow_pickle: bool):
             f"--pretrained_model_name_or_path {path} is a pickle file, which can run code when loaded; "
             "convert it to .safetensors or pass --allow_pickle if you trust it"
         )
-    kwargs = {"config": config} if config else {}
-    pipe = StableDiffusionPipeline.from_single_file(path, safety_checker=None, **kwargs)
+    if config:
+        pipe = StableDiffusionPipeline.from_single_file(path, safety_checker=None, config=config)
+    else:
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(path, safety_checker=None)
+        except (OSError, ValueError) as err:  # diffusers fetches the family's configs from the Hub
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            offline = "HF_HUB_OFFLINE is set, and " if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") else ""
+            raise ModelLoadError(
+                f"--pretrained_model_name_or_path {path}: diffusers reads a single file's configs from the Hub "
+                f"({offline}that failed: {first_line[:150]}); pass --single_file_config with a diffusers folder of "
+                "the same family (e.g. a local stable-diffusion-v1-5 or stable-diffusion-2-1)") from None
     return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import re
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -106,6 +107,8 @@ def png_parameters(prompt: str, config, seed: int, size: tuple[int, int]) -> str
               f"Seed: {seed}", f"Size: {size[0]}x{size[1]}", f"Model: {config.pretrained_model_name_or_path}"]
     if config.lora:
         fields.append(f"LoRA: {config.lora} ({config.lora_scale})")
+    if config.embedding:
+        fields.append(f"Embeddings: {config.embedding}")
     if config.init_image:
         fields.append(f"Denoising strength: {config.strength}")
     return "\n".join(lines + [", ".join(fields)])
@@ -199,14 +202,18 @@ def _add_lora(pipe, config) -> None:
     if not config.lora:
         return
     from sdtune.errors import ConfigError
+    from sdtune.export import DIFFUSERS_LORA_FILE
 
     path = Path(config.lora)
     if not path.exists():
         raise ConfigError(f"--lora {path}: no such file or folder")
-    if path.is_file():
-        _load_lora_file(pipe, path)
-    else:
-        pipe.load_lora_weights(str(path), adapter_name="lora")
+    with _one_line_on_mismatch(f"--lora {path}", config):
+        if path.is_file():
+            _load_lora_file(pipe, path)
+        else:
+            # the file named: diffusers before ~0.40 cannot search a local folder offline
+            weight_name = DIFFUSERS_LORA_FILE if (path / DIFFUSERS_LORA_FILE).is_file() else None
+            pipe.load_lora_weights(str(path), weight_name=weight_name, adapter_name="lora")
     pipe.set_adapters(["lora"], adapter_weights=[config.lora_scale])
 
 
@@ -227,6 +234,36 @@ def _load_lora_file(pipe, path: Path) -> None:
         pipe.load_textual_inversion(vectors, token=tokens.get(name, name))
 
 
+@contextmanager
+def _one_line_on_mismatch(what: str, config):
+    """A LoRA or embedding of another base model fails deep in diffusers/peft, often with one line per
+    weight; say it in one line instead (the loaders' log lines are silenced meanwhile)."""
+    import logging
+
+    from sdtune.errors import ConfigError
+
+    quiet = [logging.getLogger(name) for name in ("diffusers", "peft", "transformers")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.CRITICAL)  # diffusers logs the whole error once more
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError) as err:
+        text = " ".join(str(err).split())
+        mismatch = re.search(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[[^\]]*\])\) from "
+                             r"checkpoint, the shape in current model is torch.Size\((\[[^\]]*\])\)", text)
+        if mismatch:
+            name, theirs, ours = mismatch.groups()
+            detail = f"{name} is {theirs} in the file and {ours} in the model"
+        else:
+            detail = text[:160]
+        raise ConfigError(f"{what} does not fit the base model {config.pretrained_model_name_or_path} "
+                          f"(was it trained on another one, e.g. SD 1.x vs 2.x?): {detail}") from None
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+
+
 def _add_embeddings(pipe, config) -> None:
     if not config.embedding:
         return
@@ -243,7 +280,14 @@ def _add_embeddings(pipe, config) -> None:
             raise ConfigError(f"--embedding {item}: no such file (pass a learned_embeds.safetensors, an A1111 embedding or their folder)")
         with safe_open(str(path), "pt") as f:
             token = None if list(f.keys()) != ["emb_params"] else (f.metadata() or {}).get("token", path.stem)
-        pipe.load_textual_inversion(str(path), token=token)  # A1111 files: the token is the file's name
+            widths = {f.get_slice(key).get_shape()[-1] for key in f.keys()}
+        width = pipe.text_encoder.config.hidden_size
+        if widths - {width}:
+            raise ConfigError(f"--embedding {item} does not fit the base model {config.pretrained_model_name_or_path}: "
+                              f"its vectors are {max(widths - {width})} wide, the text encoder's {width} "
+                              "(SD 1.x: 768, SD 2.x: 1024); it was trained on another base model")
+        with _one_line_on_mismatch(f"--embedding {item}", config):
+            pipe.load_textual_inversion(str(path), token=token)  # A1111 files: the token is the file's name
 
 
 def _init_image(config, size: tuple[int, int]):

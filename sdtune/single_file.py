@@ -85,7 +85,7 @@ def to_original_state_dict(unet, vae, text_encoder, text_encoder_layout: str = "
 
 
 def save_single_file(path: str | Path, unet, vae, text_encoder, dtype: torch.dtype | None = torch.float16,
-                     text_encoder_layout: str = "auto") -> Path:
+                     text_encoder_layout: str = "auto", carry_from: str | Path | None = None) -> Path:
     """Write the model as one original-layout ``.safetensors`` checkpoint, atomically.
 
     Args:
@@ -95,6 +95,10 @@ def save_single_file(path: str | Path, unet, vae, text_encoder, dtype: torch.dty
         text_encoder: The CLIP text encoder.
         dtype: Floating-point dtype to store (fp16, as the UIs ship models); ``None`` keeps each tensor's own.
         text_encoder_layout: See ``to_original_state_dict``.
+        carry_from: The single file the base model was loaded from: its text-encoder tensors that
+            diffusers does not load are copied over unchanged. For SD 2.x that is OpenCLIP's last
+            layer (``resblocks.23``; SD conditions on the penultimate one, so diffusers drops it),
+            which ComfyUI otherwise reports as "clip missing".
 
     Returns:
         The path written.
@@ -103,9 +107,21 @@ def save_single_file(path: str | Path, unet, vae, text_encoder, dtype: torch.dty
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: a single-file checkpoint is written as .safetensors only")
     tensors = to_original_state_dict(unet, vae, text_encoder, text_encoder_layout)
+    if carry_from is not None and str(carry_from).endswith(".safetensors"):
+        tensors.update(_unloaded_text_encoder_tensors(carry_from, tensors))
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     return atomic_save_file({k: v.detach().cpu() for k, v in tensors.items()}, path)
+
+
+def _unloaded_text_encoder_tensors(source: str | Path, written: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``cond_stage_model.`` tensors of ``source`` that ``written`` lacks (text encoders are never trained there)."""
+    from safetensors import safe_open
+
+    prefixes = {key.split(".")[1] for key in written if key.startswith("cond_stage_model.")}  # "model" or "transformer"
+    with safe_open(str(source), "pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()
+                if key.startswith("cond_stage_model.") and key.split(".")[1] in prefixes and key not in written}
 
 
 def _rename(state_dict: dict[str, torch.Tensor], names: dict[str, str], prefix: str) -> dict[str, torch.Tensor]:

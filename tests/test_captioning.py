@@ -205,6 +205,16 @@ def test_unreadable_image_is_counted_as_failed_and_the_others_are_captioned(tiny
     assert not (images_dir / "broken.txt").exists()
 
 
+def test_a_run_that_captions_nothing_exits_non_zero_with_one_line(tiny_blip2, tmp_path, capsys):
+    from sdtune.cli import main
+
+    for name in ("x.png", "y.png"):
+        (tmp_path / name).write_bytes(b"not an image at all")
+    assert main(["caption", str(tmp_path), "--model", str(tiny_blip2)]) != 0
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sdtune: error")]
+    assert len(errors) == 1 and "no image" in errors[0] and "x.png" in errors[0]
+
+
 def test_missing_folder_and_empty_folder_are_data_errors(tiny_blip2, tmp_path):
     with pytest.raises(SdtuneError, match="no such folder"):
         caption_images(_config(tmp_path / "missing", tiny_blip2))

@@ -115,3 +115,11 @@ def test_configs_are_frozen_and_validated_from_python():
         config.rank = 3
     with pytest.raises(ValueError, match="rank must be positive"):
         LoRAConfig(rank=-1)
+
+
+@pytest.mark.parametrize("value", ["-1e-4", "-1E-4", "-0.5", "-3"])
+def test_negative_numbers_are_values_and_meet_the_range_check(value):
+    """argparse took `-1e-4` for an option and printed the usage text; now the range check answers in one line."""
+    with pytest.raises(ConfigError, match="learning_rate must not be negative") as info:
+        parse_config("train-lora", ["--learning_rate", value])
+    assert "\n" not in str(info.value)

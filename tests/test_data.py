@@ -115,6 +115,7 @@ def test_bad_images_are_converted_or_skipped_with_a_warning(tmp_path, caplog):
     kept = {s.record.path.name: s for s in samples}
     assert set(kept) == {"cmyk.jpg", "grey16.png", "rgba.png", "rotated.jpg", "truncated.jpg"}
     assert "garbage.png" in caplog.text and "tiny.png" in caplog.text and "too small" in caplog.text
+    assert "truncated.jpg is truncated" in caplog.text  # trained on, but never silently
     rgba_pixels = open_rgb((tmp_path / "rgba.png").read_bytes())
     assert rgba_pixels.mode == "RGB" and rgba_pixels.getpixel((0, 0)) == (255, 255, 255)
     grey = open_rgb((tmp_path / "grey16.png").read_bytes())

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
 from PIL import Image
 
 from sdtune import DreamBoothConfig, DreamBoothMethod, train_dreambooth
@@ -168,6 +169,10 @@ def test_pipeline_and_single_file_exports_round_trip(db_config, tmp_path):
     for k, v in single.unet.state_dict().items():
         assert torch.equal(v, pipe.unet.state_dict()[k])
     assert (out / "sdtune_config.yaml").is_file() and not list(out.rglob("*.bin"))
+    # transformers 4's CLIPTokenizer (diffusers 0.32's loader there) needs vocab.json + merges.txt
+    assert (out / "tokenizer" / "vocab.json").is_file() and (out / "tokenizer" / "merges.txt").is_file()
+    # transformers 4 loads text-encoder keys without `text_model.` as a random encoder (transformers 5 writes them so)
+    assert all(k.startswith("text_model.") for k in load_file(str(out / "text_encoder" / "model.safetensors")))
 
 
 def test_ema_weights_differ_from_the_raw_weights_and_are_exported(db_config):

@@ -149,8 +149,11 @@ def test_failures_past_max_retries_raise_with_the_retry_command(hub, output_dir,
     before = snapshot(output_dir)
     hub.fail("/api/repos/create", status=503, times=100)
     with pytest.raises(HubError, match="503") as err:
-        push_to_hub(output_dir, REPO, token=TOKEN, endpoint=hub.url, max_retries=2, revision="v2")
-    assert f"sdtune push {output_dir} --repo_id {REPO} --revision v2" in str(err.value)
+        push_to_hub(output_dir, REPO, token=TOKEN, endpoint=hub.url, max_retries=2, revision="v2", private=True,
+                    commit_message="first try")
+    # every option, --private above all (a copied hint must not publish a private model), never the token
+    assert f"sdtune push {output_dir} --repo_id {REPO} --private --revision v2 --commit_message 'first try'" in str(err.value)
+    assert TOKEN not in str(err.value)
     assert sleeps == [2.0, 4.0]
     assert snapshot(output_dir) == before
 

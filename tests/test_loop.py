@@ -202,3 +202,43 @@ def test_python_api_result(lora_config):
     assert result.global_step == 4 and result.final_loss == result.loss_history[-1]
     assert result.outputs["diffusers"].name == "pytorch_lora_weights.safetensors" and result.outputs["kohya"].is_file()
     assert not list(Path(lora_config.output_dir).rglob("*.bin")) and not list(Path(lora_config.output_dir).rglob("*.pkl"))
+
+
+def test_resume_with_other_settings_names_the_mismatch_in_one_line(lora_config, tmp_path):
+    """Another --rank used to end in a raw optimizer or state-dict error."""
+    config = dataclasses.replace(lora_config, max_train_steps=2, checkpointing_steps=2, output_dir=str(tmp_path / "out"))
+    train_lora(config)
+    with pytest.raises(ConfigError, match="saved with other settings") as err:
+        train_lora(dataclasses.replace(config, rank=8, max_train_steps=4, resume_from_checkpoint="latest"))
+    assert "\n" not in str(err.value) and "[4, " in str(err.value) and "[8, " in str(err.value)
+
+
+def test_a_wrong_checkpoint_path_fails_before_the_model_loads(lora_config, tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the checkpoint path was checked")
+
+    monkeypatch.setattr(sdtune.loop, "load_components", no_loading)
+    with pytest.raises(SdtuneError, match="not a complete sdtune checkpoint"):
+        train_lora(dataclasses.replace(lora_config, resume_from_checkpoint=str(tmp_path / "nope")))
+
+
+def test_log_lines_go_through_tqdm_during_training(lora_config, monkeypatch):
+    """A console log handler would print inside the progress bar; during the loop tqdm's handler replaces it."""
+    import logging
+    import sys
+
+    console = logging.StreamHandler(sys.stderr)
+    logging.root.addHandler(console)
+    seen = []
+    original_step = Trainer.training_step
+
+    def step(self, batch, micro_step):
+        seen.append([type(h).__name__ for h in logging.root.handlers])
+        return original_step(self, batch, micro_step)
+
+    monkeypatch.setattr(Trainer, "training_step", step)
+    try:
+        train_lora(dataclasses.replace(lora_config, max_train_steps=1))
+    finally:
+        logging.root.removeHandler(console)
+    assert seen and "_TqdmLoggingHandler" in seen[0] and "StreamHandler" not in seen[0]

@@ -1,6 +1,7 @@
 """The LoRA method: what trains, what stays frozen, and that both exports load in diffusers."""
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
 from sdtune import LoRAMethod
+from sdtune.export import DIFFUSERS_LORA_FILE
 from sdtune.loop import Trainer
 from sdtune.methods.lora import KOHYA_LORA_FILE, unet_target_modules
 from sdtune.models import load_components
@@ -81,7 +83,8 @@ def test_exports_load_in_diffusers_with_the_trained_scale(trained, tiny_model, w
     x, t, ehs, ids = _fixed_inputs(pipe.tokenizer)
     with torch.no_grad():
         base_out = pipe.unet(x, t, ehs).sample
-    pipe.load_lora_weights(result.output_dir, **({"weight_name": weight_name} if weight_name else {}))
+    # weight_name: diffusers before ~0.40 cannot search a local folder offline
+    pipe.load_lora_weights(result.output_dir, weight_name=weight_name or DIFFUSERS_LORA_FILE)
     with torch.no_grad():
         loaded_out = pipe.unet(x, t, ehs).sample
         loaded_te = pipe.text_encoder(ids)[0]
@@ -102,7 +105,7 @@ def test_export_changes_the_generated_image(trained, tiny_model):
         return torch.from_numpy(out.images[0])
 
     before = image()
-    pipe.load_lora_weights(result.output_dir)
+    pipe.load_lora_weights(result.output_dir, weight_name=DIFFUSERS_LORA_FILE)
     assert (image() - before).abs().max() > 1 / 255
 
 
@@ -144,7 +147,21 @@ def test_dora_trains_and_exports_magnitude(lora_config, targets):
     assert scales  # per-output-row magnitudes as LyCORIS/ComfyUI read them: [out, 1]
     assert all(s.shape == (ups[k].shape[0],) + (1,) * (ups[k].ndim - 1) for k, s in scales.items())
     pipe = StableDiffusionPipeline.from_pretrained(config.pretrained_model_name_or_path, safety_checker=None)
-    pipe.load_lora_weights(result.output_dir)  # the diffusers file carries DoRA's magnitudes
+    # the diffusers file carries DoRA's magnitudes
+    pipe.load_lora_weights(result.output_dir, weight_name=DIFFUSERS_LORA_FILE)
     x, t, ehs, _ = _fixed_inputs(pipe.tokenizer)
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(x, t, ehs).sample, trainer.components.unet(x, t, ehs).sample, atol=1e-5, rtol=1e-5)
+
+
+def test_diffusers_file_keeps_the_text_model_level_and_files_follow_the_umask(trained):
+    """diffusers 0.32 + transformers 4 fail (IndexError in get_peft_kwargs) on text-encoder keys without `text_model.`."""
+    config, trainer, result, *_ = trained
+    with safe_open(result.outputs["diffusers"], "pt") as f:
+        te_keys = [k for k in f.keys() if k.startswith("text_encoder.")]
+    assert bool(te_keys) == config.train_text_encoder
+    assert all(k.startswith("text_encoder.text_model.encoder.layers.") for k in te_keys)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (result.outputs["diffusers"], result.outputs["kohya"], result.outputs["config"]):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path  # safetensors alone writes 0600

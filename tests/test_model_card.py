@@ -115,3 +115,20 @@ def test_unknown_method_and_missing_image_are_config_errors(tmp_path):
         card_for(tmp_path, "hypernetwork")
     with pytest.raises(ConfigError, match="does not exist"):
         card_for(tmp_path, "lora", sample_images=[tmp_path / "missing.png"])
+
+
+def test_snippet_runs_on_a_machine_without_cuda(tmp_path, tiny_model, monkeypatch):
+    """The card's code picks the device (no hard-coded .to("cuda") in fp16) and runs as written on a CPU."""
+    import re
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    text = ModelCard.load(card_for(folder, "dreambooth", repo_id=None)).text
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    assert '.to("cuda")' not in code
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    scope["fast"] = lambda prompt: scope["pipe"](prompt, num_inference_steps=2, height=64, width=64)  # a tiny model
+    exec(compile(code.replace("image = pipe(", "image = fast("), "card", "exec"), scope)
+    assert (tmp_path / "sample.png").is_file()

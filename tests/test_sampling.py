@@ -106,3 +106,44 @@ def test_cli_generate(gen, capsys):
     assert main(["generate", "--pretrained_model_name_or_path", gen.pretrained_model_name_or_path, "--prompt", "a sks shape",
                  "--num_images", "2", "--scheduler", "euler-a", "--num_inference_steps", "2", "--output_dir", gen.output_dir]) == 0
     assert "wrote 2 image(s)" in capsys.readouterr().out
+
+
+def test_embeddings_are_in_the_png_metadata(gen):
+    from sdtune.sampling import png_parameters
+
+    text = png_parameters("a <cat-toy>", dataclasses.replace(gen, embedding="out/cat-toy.safetensors"), 0, (64, 64))
+    assert "Embeddings: out/cat-toy.safetensors" in text
+
+
+@pytest.mark.parametrize("kind", ["lora", "embedding"])
+def test_outputs_of_another_base_model_fail_in_one_line(gen, tmp_path, kind, capsys):
+    """A LoRA or embedding from another base used to print a line per weight, or a raw ValueError."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / f"{kind}.safetensors"
+    if kind == "lora":  # an SD 2.x-sized LoRA: the tiny model's attention is 32 wide, this one 1024
+        module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+        save_file({f"{module}.lora_A.weight": torch.zeros(4, 1024), f"{module}.lora_B.weight": torch.zeros(32, 4)}, str(path))
+    else:
+        save_file({"<other>": torch.zeros(1, 1024)}, str(path))
+    config = dataclasses.replace(gen, **{kind: str(path)})
+    with pytest.raises(ConfigError, match="does not fit the base model") as err:
+        run_generate(config)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+    assert main(["generate", "--pretrained_model_name_or_path", gen.pretrained_model_name_or_path, "--prompt", "x",
+                 f"--{kind}", str(path), "--output_dir", gen.output_dir]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "%|" not in line]  # no bars
+    assert len(lines) == 1 and lines[0].startswith("sdtune: error") and ("1024" in lines[0])
+
+
+def test_single_file_without_its_config_offline_hints_single_file_config(gen, tiny_model, tmp_path, capsys):
+    from sdtune.models import load_components
+    from sdtune.single_file import save_single_file
+
+    components = load_components(str(tiny_model))
+    path = save_single_file(tmp_path / "model.safetensors", components.unet, components.vae, components.text_encoder)
+    assert main(["generate", "--pretrained_model_name_or_path", str(path), "--prompt", "x",
+                 "--output_dir", gen.output_dir]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sdtune: error")]
+    assert len(errors) == 1 and "--single_file_config" in errors[0]

@@ -19,6 +19,11 @@ def _assert_same_weights(expected, actual):
             assert torch.equal(want[key], got[key]), f"{name}.{key}"
 
 
+def _without_text_model_level(state_dict):
+    """transformers 4's CLIPTextModel keys (text_model.encoder...) as transformers 5 names them."""
+    return {k.removeprefix("text_model."): v for k, v in state_dict.items()}
+
+
 def _image(pipe):
     out = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
                generator=torch.Generator().manual_seed(0))
@@ -52,6 +57,7 @@ def test_key_layout(exported):
     prefixes = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model.")
     assert all(key.startswith(prefixes) for key in tensors)
     unet, vae, te = (m.state_dict() for m in (components.unet, components.vae, components.text_encoder))
+    te = _without_text_model_level(te)
     assert len(tensors) == len(unet) + len(vae) + len(te)
     spot_checks = {
         "model.diffusion_model.input_blocks.0.0.weight": unet["conv_in.weight"],
@@ -134,7 +140,7 @@ def test_unet_layout_follows_the_config(exported, tmp_path):
 
 def test_openclip_layout_fuses_qkv(exported, tiny_model, tmp_path):
     components, _ = exported
-    te = components.text_encoder.state_dict()
+    te = _without_text_model_level(components.text_encoder.state_dict())
     tensors = to_original_state_dict(components.unet, components.vae, components.text_encoder,
                                      text_encoder_layout="openclip")
     text_keys = [k for k in tensors if k.startswith("cond_stage_model.")]
@@ -165,3 +171,28 @@ def test_openclip_is_detected_by_its_gelu_activation(exported):
     tensors = to_original_state_dict(components.unet, components.vae, CLIPTextModel(config))
     assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in tensors
     assert not any(k.startswith("cond_stage_model.transformer.") for k in tensors)
+
+
+def test_text_encoder_tensors_diffusers_drops_are_carried_from_the_source_file(exported, tiny_model, tmp_path):
+    """An SD 2.x file's last OpenCLIP layer (which diffusers does not load) survives a DreamBooth export (ComfyUI)."""
+    components, _ = exported
+    source = to_original_state_dict(components.unet, components.vae, components.text_encoder, text_encoder_layout="openclip")
+    layers = components.text_encoder.config.num_hidden_layers
+    last = f"cond_stage_model.model.transformer.resblocks.{layers}."  # the layer SD 2.x skips
+    g = torch.Generator().manual_seed(2)
+    extra = {last + k: torch.randn(v.shape, generator=g) for k, v in source.items()
+             if k.startswith("cond_stage_model.model.transformer.resblocks.0.")}
+    extra["cond_stage_model.model.text_projection"] = torch.randn(32, 32, generator=g)
+    save_file({**{k: v.contiguous() for k, v in source.items()}, **extra}, str(tmp_path / "sd2.safetensors"))
+    loaded = load_components(str(tmp_path / "sd2.safetensors"), single_file_config=str(tiny_model))
+    assert loaded.source_file == str(tmp_path / "sd2.safetensors")
+    assert loaded.text_encoder.config.num_hidden_layers == layers
+    path = save_single_file(tmp_path / "out.safetensors", loaded.unet, loaded.vae, loaded.text_encoder,
+                            dtype=torch.float32, text_encoder_layout="openclip", carry_from=loaded.source_file)
+    written = load_file(str(path))
+    for key, tensor in extra.items():
+        assert torch.equal(written[key], tensor), key
+    assert len(written) == len(source) + len(extra)
+    # the carried layer is not read back by diffusers, and the model is unchanged
+    _assert_same_weights(components, StableDiffusionPipeline.from_single_file(str(path), config=str(tiny_model),
+                                                                              safety_checker=None))

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from sdtune import LoRAConfig, TextualInversionConfig, TextualInversionMethod, train_lora
 from sdtune.cli import main
 from sdtune.errors import ConfigError
-from sdtune.export import LEARNED_EMBEDS_FILE
+from sdtune.export import DIFFUSERS_LORA_FILE, LEARNED_EMBEDS_FILE
 from sdtune.loop import Trainer
 from sdtune.methods.embeddings import NewTokenEmbeddings
 from sdtune.methods.textual_inversion import OBJECT_TEMPLATES, TEMPLATE_CAPTION, caption_from_templates
@@ -138,12 +138,17 @@ def test_pivotal_export_loads_in_diffusers_and_changes_the_image(pivotal_config,
         return torch.from_numpy(out.images[0])
 
     embeddings_only = image()
-    pipe.load_lora_weights(result.output_dir)
+    pipe.load_lora_weights(result.output_dir, weight_name=DIFFUSERS_LORA_FILE)
     assert (image() - embeddings_only).abs().max() > 1 / 255
     with safe_open(result.outputs["kohya"], "pt") as f:
         keys = list(f.keys())
         bundle = f.get_tensor("bundle_emb.cat-toy.string_to_param.*")
     assert bundle.shape == (2, 32) and any(k.startswith("lora_unet_") for k in keys)
+    # ComfyUI skips bundle_emb keys: the embedding also comes as its own file, for models/embeddings
+    with safe_open(result.outputs["a1111_embedding"], "pt") as f:
+        assert list(f.keys()) == ["emb_params"]
+        torch.testing.assert_close(f.get_tensor("emb_params"), bundle.float(), atol=1e-3, rtol=1e-3)  # bundle: fp16
+    assert result.outputs["a1111_embedding"].name == "cat-toy.safetensors"
 
 
 @pytest.mark.parametrize("set_grads_to_none", [True, False])

@@ -14,6 +14,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
+_WARNED_TRUNCATED: set[tuple[str, int]] = set()
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -26,7 +27,7 @@ def open_rgb(data: bytes, name: str = "image") -> Image.Image:
 
     Handles what real folders contain: EXIF rotation, CMYK, 16-bit grey, palette and alpha
     (composited on white, which is what a viewer shows). Truncated files are decoded as far
-    as they go if Pillow can, otherwise rejected.
+    as they go if Pillow can (with a warning naming the file), otherwise rejected.
 
     Raises:
         BadImage: the bytes are not a readable image.
@@ -42,6 +43,9 @@ def open_rgb(data: bytes, name: str = "image") -> Image.Image:
                 image.load()
             finally:
                 ImageFile.LOAD_TRUNCATED_IMAGES = False
+            if (name, len(data)) not in _WARNED_TRUNCATED:  # once per file, not once per epoch
+                _WARNED_TRUNCATED.add((name, len(data)))
+                logger.warning("%s is truncated; training on the part that decodes", name)
         image = ImageOps.exif_transpose(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise BadImage(f"not a readable image ({err})") from None

@@ -13,7 +13,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
 from sdtune.config import DreamBoothConfig
-from sdtune.export import save_precision_dtype
+from sdtune.export import add_text_model_level_to_saved_text_encoder, save_precision_dtype, save_tokenizer_vocab_files
 from sdtune.methods import trainable_parameters, unwrap_model
 from sdtune.models import Components
 
@@ -98,10 +98,13 @@ class DreamBoothMethod:
         pipe = components.pipeline()
         pipe.unet, pipe.text_encoder = unet, text_encoder
         pipe.save_pretrained(output_dir, safe_serialization=True)
+        # the layouts transformers 4 (and other tools) read, whichever transformers wrote the folder
+        save_tokenizer_vocab_files(Path(output_dir) / "tokenizer")
+        add_text_model_level_to_saved_text_encoder(Path(output_dir) / "text_encoder")
         outputs = {"pipeline": Path(output_dir) / "model_index.json"}
         if self.config.save_single_file:
             from sdtune.single_file import save_single_file
 
             outputs["single_file"] = save_single_file(Path(output_dir) / SINGLE_FILE_NAME, unet, components.vae,
-                                                      text_encoder, dtype=dtype)
+                                                      text_encoder, dtype=dtype, carry_from=components.source_file)
         return outputs

@@ -19,7 +19,9 @@ from sdtune.export import (
     a1111_embedding_name,
     kohya_embedding_bundle,
     save_kohya_lora,
+    save_a1111_embedding,
     save_learned_embeds,
+    with_text_model_level,
 )
 from sdtune.methods import trainable_parameters, unwrap_model
 from sdtune.methods.embeddings import NewTokenEmbeddings
@@ -147,14 +149,17 @@ class LoRAMethod:
 
     def export(self, components: Components, output_dir: Path) -> dict[str, Path]:
         unet_sd, te_sd = self.lora_state_dicts(components)
-        metadata = {"r": self.config.rank, "lora_alpha": self.lora_alpha, "use_dora": self.config.use_dora}
+        # rank_pattern and alpha_pattern (empty): diffusers 0.34 reads them from the metadata unconditionally
+        metadata = {"r": self.config.rank, "lora_alpha": self.lora_alpha, "use_dora": self.config.use_dora,
+                    "rank_pattern": {}, "alpha_pattern": {}}
         StableDiffusionPipeline.save_lora_weights(
             output_dir,
             # peft key names (lora_A/lora_B) as diffusers' loader reads them; diffusers' own
             # convert_state_dict_to_diffusers renames attention keys only, and a file mixing both
             # spellings (conv targets) silently loses its attention LoRA on load.
             unet_lora_layers=unet_sd,
-            text_encoder_lora_layers=te_sd or None,
+            # with transformers 4's `text_model.` level, which diffusers 0.32 + transformers 4 need
+            text_encoder_lora_layers=with_text_model_level(te_sd) if te_sd else None,
             unet_lora_adapter_metadata={**metadata, "target_modules": self.unet_targets},
             text_encoder_lora_adapter_metadata={**metadata, "target_modules": TEXT_ENCODER_TARGETS} if te_sd else None,
             safe_serialization=True,
@@ -164,6 +169,8 @@ class LoRAMethod:
         if self.embeddings is not None:  # pivotal tuning: the token travels with the LoRA
             vectors = self.embeddings.vectors(components.text_encoder)
             outputs["embeddings"] = save_learned_embeds(output_dir, self.config.placeholder_token, vectors)
+            # ComfyUI ignores the bundle in the kohya file: it loads this file from models/embeddings
+            outputs["a1111_embedding"] = save_a1111_embedding(output_dir, self.config.placeholder_token, vectors)
             bundle = kohya_embedding_bundle(self.config.placeholder_token, vectors)
         metadata = kohya_metadata(components, self.config)
         if bundle:
