@@ -11,6 +11,7 @@ from transformers import CLIPTextModel
 
 from sdtune import DreamBoothConfig, DreamBoothMethod, LoRAMethod, TextualInversionConfig, TextualInversionMethod
 from sdtune.checkpoint import list_checkpoints
+from sdtune.export import split_embedding_bundle
 from sdtune.loop import Trainer
 from sdtune.models import encode_text, tokenize
 
@@ -56,7 +57,7 @@ def test_lora_checkpoint_loads_with_load_lora_weights(lora_config, tiny_model, p
     config = dataclasses.replace(lora_config, max_train_steps=3, checkpointing_steps=2, train_text_encoder=True, lora_alpha=2.0)
     prompt = "a red circle"
     if pivotal:
-        config = dataclasses.replace(config, train_text_embeddings=True, placeholder_token="<sks>", initializer_token="circle",
+        config = dataclasses.replace(config, train_text_embeddings=True, placeholder_token="<sks>", initializer_token="shape",
                                      num_vectors=2, instance_prompt="a <sks> shape")
         prompt = "a <sks> circle"
     _train(config, LoRAMethod)
@@ -66,13 +67,16 @@ def test_lora_checkpoint_loads_with_load_lora_weights(lora_config, tiny_model, p
         pipe = _base(tiny_model)
         pipe.load_lora_weights(checkpoint)
         kohya = _base(tiny_model)
-        kohya.load_lora_weights(checkpoint, weight_name="kohya_lora.safetensors")
+        # diffusers' LoRA loader rejects the embedding bundled in a pivotal kohya file; split it off as `sdtune generate` does
+        lora, bundles = split_embedding_bundle(load_file(checkpoint / "kohya_lora.safetensors"))
+        kohya.load_lora_weights(lora)
         if pivotal:
             pipe.load_textual_inversion(checkpoint)
-            kohya.load_textual_inversion(checkpoint)
+            kohya.load_textual_inversion(bundles["sks"], token="<sks>")
         expanded = trainer.method.transform_caption(prompt, None)
         torch.testing.assert_close(_unet_output(pipe.unet), _unet_output(trainer.components.unet), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(_text_output(pipe.tokenizer, pipe.text_encoder, prompt),
+        converted = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)  # what the pipeline does with a multi-vector token
+        torch.testing.assert_close(_text_output(pipe.tokenizer, pipe.text_encoder, converted),
                                    _text_output(trainer.components.tokenizer, trainer.components.text_encoder, expanded),
                                    rtol=1e-4, atol=1e-5)
         # the kohya file is stored in fp16: the same model up to fp16 rounding of the LoRA weights
@@ -85,7 +89,7 @@ def test_lora_checkpoint_loads_with_load_lora_weights(lora_config, tiny_model, p
 def test_textual_inversion_checkpoint_loads_with_load_textual_inversion(tiny_model, shapes_dir, tmp_path):
     config = TextualInversionConfig(
         pretrained_model_name_or_path=str(tiny_model), train_data_dir=str(shapes_dir), output_dir=str(tmp_path / "out"),
-        placeholder_token="<cat-toy>", initializer_token="circle", num_vectors=2, resolution=64, learning_rate=5e-2,
+        placeholder_token="<cat-toy>", initializer_token="shape", num_vectors=2, resolution=64, learning_rate=5e-2,
         max_train_steps=3, checkpointing_steps=2, train_batch_size=2, report_to="none",
     )
     _train(config, TextualInversionMethod)
@@ -96,7 +100,9 @@ def test_textual_inversion_checkpoint_loads_with_load_textual_inversion(tiny_mod
         pipe = _base(tiny_model)
         pipe.load_textual_inversion(checkpoint)
         ours = _text_output(trainer.components.tokenizer, trainer.components.text_encoder, "a <cat-toy> <cat-toy>_1 toy")
-        torch.testing.assert_close(_text_output(pipe.tokenizer, pipe.text_encoder, "a <cat-toy> toy"), ours)
+        converted = pipe.maybe_convert_prompt("a <cat-toy> toy", pipe.tokenizer)
+        assert converted == "a <cat-toy> <cat-toy>_1 toy"
+        torch.testing.assert_close(_text_output(pipe.tokenizer, pipe.text_encoder, converted), ours)
         final = load_file(Path(config.output_dir) / "learned_embeds.safetensors")["<cat-toy>"]
         assert not torch.equal(load_file(checkpoint / "learned_embeds.safetensors")["<cat-toy>"], final)  # step 2, not 3
     finally:

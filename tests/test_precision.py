@@ -24,7 +24,7 @@ def _run(method: str, mixed_precision: str, tiny_model, shapes_dir, tmp_path):
     )
     prior = dict(with_prior_preservation=True, class_data_dir=str(tmp_path / "class"), class_prompt="a shape",
                  num_class_images=1, class_generation_steps=2, sample_batch_size=1)
-    token = dict(placeholder_token="<sks>", initializer_token="circle", validation_prompt="a <sks> shape")
+    token = dict(placeholder_token="<sks>", initializer_token="shape", validation_prompt="a <sks> shape")
     if method == "lora":
         return train_lora(LoRAConfig(**common, rank=2))
     if method == "dreambooth":
@@ -34,7 +34,7 @@ def _run(method: str, mixed_precision: str, tiny_model, shapes_dir, tmp_path):
     if method == "textual_inversion":
         common.pop("instance_data_dir"), common.pop("instance_prompt")
         return train_textual_inversion(TextualInversionConfig(**{**common, **token}, train_data_dir=str(shapes_dir)))
-    return train_lora(LoRAConfig(**{**common, **token}, rank=2, train_text_embeddings=True, instance_prompt="a <sks> shape"))
+    return train_lora(LoRAConfig(**{**common, **token, "instance_prompt": "a <sks> shape"}, rank=2, train_text_embeddings=True))
 
 
 EXPECTED_OUTPUTS = {
