@@ -9,6 +9,8 @@ Layout of ``output_dir/checkpoint-<step>/``:
     trained.safetensors    method.state_dict()
     optimizer.safetensors  optimizer state tensors, keyed "<param index>.<name>"
     trainer_state.json     step, losses, optimizer hyper-parameters, scheduler and scaler state
+    + the method's loadable outputs at that step: LoRA files (``pipe.load_lora_weights(folder)``),
+      ``unet/`` and ``text_encoder/`` (``from_pretrained``; the EMA weights with --use_ema), embeddings
 """
 
 from __future__ import annotations
@@ -39,9 +41,13 @@ class TrainerState:
 
 def save_checkpoint(
     output_dir: Path, state: TrainerState, trained: dict[str, torch.Tensor], optimizer, lr_scheduler, scaler=None,
-    total_limit: int | None = None,
+    total_limit: int | None = None, write_outputs=None,
 ) -> Path:
-    """Write ``checkpoint-<step>`` through a temporary folder renamed at the end (main process only)."""
+    """Write ``checkpoint-<step>`` through a temporary folder renamed at the end (main process only).
+
+    ``write_outputs(folder)`` adds the method's loadable files (LoRA files, ``unet/``, embeddings)
+    to the temporary folder, so a checkpoint holds them only when it is complete.
+    """
     final = output_dir / f"checkpoint-{state.global_step}"
     tmp = output_dir / f".checkpoint-{state.global_step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -49,6 +55,8 @@ def save_checkpoint(
     save_file({k: v.detach().cpu().contiguous() for k, v in trained.items()}, str(tmp / "trained.safetensors"))
     optimizer_tensors, optimizer_json = _split_optimizer_state(optimizer.state_dict())
     save_file(optimizer_tensors, str(tmp / "optimizer.safetensors"))
+    if write_outputs is not None:
+        write_outputs(tmp)
     payload = {
         "global_step": state.global_step,
         "loss_history": state.loss_history,

@@ -113,8 +113,8 @@ class TrainConfig:
     adam_epsilon: float = option(1e-8, "Adam epsilon.")
     max_grad_norm: float = option(1.0, "Clip gradients to this norm (0 turns clipping off).")
     set_grads_to_none: bool = option(True, "Free gradients after each step instead of zeroing them (saves memory).")
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = option(
-        None, "no / fp16 / bf16 (default: what `accelerate config` set). Trained weights stay fp32."
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] | None = option(
+        None, "no / fp16 / bf16 / auto (bf16 or fp16 on GPUs, bf16 on CPUs with AMX, else no; default: what `accelerate config` set). Trained weights stay fp32."
     )
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
     snr_gamma: float | None = option(None, "Min-SNR weighting gamma (5.0 is the paper's value). Off by default.")
@@ -192,7 +192,7 @@ class DreamBoothConfig(LoRAConfig):
     use_ema: bool = option(False, "Keep an exponential moving average of the UNet; it is what gets exported.")
     ema_decay: float = option(0.9999, "EMA decay.")
     save_single_file: bool = option(False, "Also export one .safetensors checkpoint in the original SD layout (A1111/ComfyUI).")
-    save_precision: Literal["fp32", "fp16", "bf16"] = option("fp16", "Precision of the exported weights.")
+    save_precision: Literal["fp32", "fp16", "bf16"] = option("fp16", "Precision of the --save_single_file checkpoint (the pipeline folder is fp32).")
 
     method: typing.ClassVar[str] = "dreambooth"
 

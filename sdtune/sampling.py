@@ -27,16 +27,22 @@ def generate(
 ) -> list[Image.Image]:
     """One image per (prompt, generator) at ``size`` (width, height), in one pipeline call.
 
-    On CPU this runs in fp32 (autocast to bf16 is an order of magnitude slower there); on GPU
-    pass the accelerator's autocast, since trained fp32 adapters sit on fp16/bf16 weights.
+    ``autocast`` (the accelerator's) is used when the model mixes dtypes (fp32 trained weights on
+    an fp16/bf16 frozen base) or runs on a GPU; an all-fp32 model on the CPU runs without it
+    (autocast to bf16 is an order of magnitude slower there without AMX). The VAE decodes
+    outside autocast, in its own dtype: it stays fp32 in fp16 runs because it overflows in fp16.
     """
-    device = pipe.unet.device
-    with autocast() if autocast is not None and device.type != "cpu" else nullcontext():
-        return pipe(
+    dtypes = {p.dtype for module in (pipe.unet, pipe.text_encoder, pipe.vae) for p in module.parameters()}
+    use_autocast = autocast is not None and (pipe.unet.device.type != "cpu" or dtypes != {torch.float32})
+    with autocast() if use_autocast else nullcontext():
+        latents = pipe(
             prompts, negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
             height=size[1], width=size[0], num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, generator=generators,
+            guidance_scale=guidance_scale, generator=generators, output_type="latent",
         ).images
+    vae = pipe.vae
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(images, output_type="pil", do_denormalize=[True] * len(images))
 
 
 def sample_images(

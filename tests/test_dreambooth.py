@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from safetensors.torch import load_file
 from PIL import Image
 
@@ -173,6 +173,25 @@ def test_pipeline_and_single_file_exports_round_trip(db_config, tmp_path):
     assert (out / "tokenizer" / "vocab.json").is_file() and (out / "tokenizer" / "merges.txt").is_file()
     # transformers 4 loads text-encoder keys without `text_model.` as a random encoder (transformers 5 writes them so)
     assert all(k.startswith("text_model.") for k in load_file(str(out / "text_encoder" / "model.safetensors")))
+
+
+def test_output_folder_loads_with_a_plain_from_pretrained_and_generates(db_config):
+    # a bf16 run with the default --save_precision fp16: the pipeline folder is fp32 all the same; the single file is fp16
+    config = dataclasses.replace(db_config, save_precision="fp16", save_single_file=True, max_train_steps=1, mixed_precision="bf16")
+    trainer = _trainer(config)
+    result = trainer.train()
+    try:
+        assert trainer.components.text_encoder.dtype == torch.bfloat16  # export cast copies, not the training weights
+    finally:
+        trainer.cleanup()
+    pipe = DiffusionPipeline.from_pretrained(config.output_dir)  # no dtype argument
+    assert {m.dtype for m in (pipe.unet, pipe.text_encoder, pipe.vae)} == {torch.float32}
+    image = pipe("a sks shape", num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    from safetensors import safe_open
+
+    with safe_open(str(result.outputs["single_file"]), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys() if "model.diffusion_model" in k} == {"F16"}
 
 
 def test_ema_weights_differ_from_the_raw_weights_and_are_exported(db_config):

@@ -48,6 +48,12 @@ class Method(Protocol):
     def export(self, components: Components, output_dir: Path) -> dict[str, Path]:
         """Write every output format; return {format name: path}."""
 
+    def export_checkpoint(self, components: Components, folder: Path) -> dict[str, Path]:
+        """Write the loadable outputs a ``checkpoint-N`` folder holds (the trained model at that step).
+
+        Training goes on afterwards: nothing here may change the trained or the EMA weights.
+        """
+
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]

@@ -6,6 +6,9 @@ preservation is data (class images with their own loss weight), so neither metho
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -84,27 +87,61 @@ class DreamBoothMethod:
             self.ema.optimization_step = int(state_dict["ema.optimization_step"])
 
     def export(self, components: Components, output_dir: Path) -> dict[str, Path]:
-        """A `save_pretrained` pipeline folder (EMA weights when --use_ema), and optionally one single file.
+        """A `save_pretrained` pipeline folder in fp32 (EMA weights when --use_ema), and optionally one single file.
 
-        Export is the last thing a run does: the weights are cast to --save_precision in place.
+        The pipeline folder is fp32, as diffusers saves it: a plain ``from_pretrained`` then loads
+        every component in one dtype. --save_precision sets the single file's dtype. Casts are
+        made on copies, so the trained weights stay as they are.
         """
-        unet = unwrap_model(components.unet)
-        if self.ema is not None:
-            self.ema.copy_to(unet.parameters())
-        dtype = save_precision_dtype(self.config.save_precision)
-        text_encoder = unwrap_model(components.text_encoder)
-        for module in (unet, text_encoder, components.vae):
-            module.to(dtype)
-        pipe = components.pipeline()
-        pipe.unet, pipe.text_encoder = unet, text_encoder
-        pipe.save_pretrained(output_dir, safe_serialization=True)
-        # the layouts transformers 4 (and other tools) read, whichever transformers wrote the folder
-        save_tokenizer_vocab_files(Path(output_dir) / "tokenizer")
-        add_text_model_level_to_saved_text_encoder(Path(output_dir) / "text_encoder")
-        outputs = {"pipeline": Path(output_dir) / "model_index.json"}
-        if self.config.save_single_file:
-            from sdtune.single_file import save_single_file
+        output_dir = Path(output_dir)
+        with self._exported_unet(components) as unet:
+            text_encoder, vae = _fp32(unwrap_model(components.text_encoder)), _fp32(components.vae)
+            pipe = dataclasses.replace(components, unet=unet, text_encoder=text_encoder, vae=vae).pipeline()
+            pipe.save_pretrained(output_dir, safe_serialization=True)
+            # the layouts transformers 4 (and other tools) read, whichever transformers wrote the folder
+            save_tokenizer_vocab_files(output_dir / "tokenizer")
+            add_text_model_level_to_saved_text_encoder(output_dir / "text_encoder")
+            outputs = {"pipeline": output_dir / "model_index.json"}
+            if self.config.save_single_file:
+                from sdtune.single_file import save_single_file
 
-            outputs["single_file"] = save_single_file(Path(output_dir) / SINGLE_FILE_NAME, unet, components.vae,
-                                                      text_encoder, dtype=dtype, carry_from=components.source_file)
+                outputs["single_file"] = save_single_file(output_dir / SINGLE_FILE_NAME, unet, vae, text_encoder,
+                                                          dtype=save_precision_dtype(self.config.save_precision),
+                                                          carry_from=components.source_file)
         return outputs
+
+    def export_checkpoint(self, components: Components, folder: Path) -> dict[str, Path]:
+        """``unet/`` (the EMA weights with --use_ema, as diffusers' checkpoints) and ``text_encoder/`` when trained.
+
+        Both load with ``from_pretrained(folder, subfolder=...)``; they are fp32, the trained weights.
+        """
+        folder = Path(folder)
+        with self._exported_unet(components) as unet:
+            unet.save_pretrained(folder / "unet", safe_serialization=True)
+        outputs = {"unet": folder / "unet"}
+        if self.config.train_text_encoder:
+            unwrap_model(components.text_encoder).save_pretrained(folder / "text_encoder", safe_serialization=True)
+            add_text_model_level_to_saved_text_encoder(folder / "text_encoder")
+            outputs["text_encoder"] = folder / "text_encoder"
+        return outputs
+
+    @contextmanager
+    def _exported_unet(self, components: Components):
+        """The UNet to export: the EMA weights while inside (when --use_ema), the training weights again after."""
+        unet = unwrap_model(components.unet)
+        if self.ema is None:
+            yield unet
+            return
+        self.ema.store(unet.parameters())  # a host copy of the training weights
+        self.ema.copy_to(unet.parameters())
+        try:
+            yield unet
+        finally:
+            self.ema.restore(unet.parameters())  # bit for bit: training goes on undisturbed
+
+
+def _fp32(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` if it is fp32 already, else an fp32 copy (frozen parts sit in the fp16/bf16 weight dtype)."""
+    if all(p.dtype == torch.float32 for p in module.parameters()):
+        return module
+    return copy.deepcopy(module).to(torch.float32)

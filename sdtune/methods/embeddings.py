@@ -40,8 +40,11 @@ class NewTokenEmbeddings:
         self.token_ids = tokenizer.convert_tokens_to_ids(self.tokens)
         # mean-resizing (transformers' default) only matters for rows we do not overwrite from the initializer
         text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=init_ids is None)
+        # The whole text encoder runs in fp32, as in diffusers' textual inversion: the trained rows need
+        # fp32 masters, and their fp32 output would meet bf16/fp16 layer norms, which the CPU refuses
+        # ("mixed dtype"). Its cost: the text encoder's size once more (0.25 GB for SD 1.5).
+        text_encoder.to(torch.float32)
         embedding = text_encoder.get_input_embeddings()
-        embedding.to(torch.float32)  # the trained rows need fp32 masters
         with torch.no_grad():
             if init_ids is not None:
                 embedding.weight[self.token_ids] = embedding.weight[init_ids].mean(dim=0, keepdim=True)

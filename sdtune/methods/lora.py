@@ -182,6 +182,9 @@ class LoRAMethod:
         )
         return outputs
 
+    def export_checkpoint(self, components: Components, folder: Path) -> dict[str, Path]:
+        return self.export(components, folder)  # reads the adapters, changes nothing
+
 
 def kohya_metadata(components: Components, config: LoRAConfig) -> dict[str, str]:
     """The ``ss_*`` notes A1111 uses: SD 1 vs 2 (``ss_v2``, ``ss_base_model_version``) and names it shows."""

@@ -80,3 +80,6 @@ class TextualInversionMethod:
             "diffusers": save_learned_embeds(output_dir, self.config.placeholder_token, vectors),
             "a1111": save_a1111_embedding(output_dir, self.config.placeholder_token, vectors),
         }
+
+    def export_checkpoint(self, components: Components, folder: Path) -> dict[str, Path]:
+        return self.export(components, folder)  # reads the vectors, changes nothing
