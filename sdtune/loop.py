@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -78,7 +79,9 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         config = self.config
-        mixed_precision = resolve_mixed_precision(config.mixed_precision, PartialState().device)
+        # Not through PartialState().device: an accelerate state made before the Accelerator changed
+        # what two CPU processes computed (they no longer matched one process with the same batch).
+        mixed_precision = resolve_mixed_precision(config.mixed_precision, _launch_device())
         self.accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             mixed_precision=mixed_precision,
@@ -416,6 +419,12 @@ class Trainer:
 
 
 _LOG_EVERY = 10  # steps between host syncs for logging; also flushed at checkpoints and the end
+
+
+def _launch_device() -> torch.device:
+    """The device accelerate will pick: CUDA when there is one, unless launched with --cpu."""
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return torch.device("cuda" if torch.cuda.is_available() and not use_cpu else "cpu")
 
 
 def resolve_mixed_precision(requested: str | None, device: torch.device) -> str | None:
