@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from sdtune import checkpoint as ckpt
 from sdtune import diffusion
-from sdtune.config import TrainConfig, check_ready_to_train
+from sdtune.config import TrainConfig, check_ready_to_train, resolve_epochs
 from sdtune.data.cache import TextEmbeddingCache
 from sdtune.data.class_images import ensure_class_images
 from sdtune.data.training_data import build_training_data
@@ -86,6 +87,8 @@ class Trainer:
             # ZeRO partitions the optimizer state; sdtune's checkpoint format holds it whole.
             raise ConfigError("resumable checkpoints are not supported under DeepSpeed yet; pass --checkpointing_steps 0")
         set_seed(config.seed)  # adapter initialisation draws from the global RNGs
+        if config.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.output_dir / CONFIG_FILE)
@@ -97,8 +100,12 @@ class Trainer:
             dataset_config_name=config.dataset_config_name, image_column=config.image_column,
             caption_column=config.caption_column, caption_extension=config.caption_extension,
         )
+        if config.max_train_samples is not None and config.max_train_samples < len(records):
+            records = random.Random(config.seed).sample(records, config.max_train_samples)  # a seeded subset, as diffusers
         self._setup_model()
         self._setup_data(records)
+        # --num_train_epochs / --validation_epochs become steps now that the epoch's size is known
+        self.config = self.method.config = config = resolve_epochs(config, self.sampler.batches_per_epoch)
         self._setup_optimizer()
         self.state = ckpt.TrainerState()
         if config.resume_from_checkpoint:
@@ -121,7 +128,7 @@ class Trainer:
         self.components = load_components(
             config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant,
             single_file_config=config.single_file_config, prediction_type=config.prediction_type,
-            allow_pickle=config.allow_pickle, weight_dtype=self.weight_dtype,
+            allow_pickle=config.allow_pickle, weight_dtype=self.weight_dtype, tokenizer_name=config.tokenizer_name,
         )
         device = self.accelerator.device
         for module in (self.components.unet, self.components.vae, self.components.text_encoder):
@@ -219,7 +226,7 @@ class Trainer:
                 pending = []
             if checkpoint_due:
                 self.save_checkpoint()
-            if config.validation_prompt and (step % config.validation_steps == 0 or is_last):
+            if config.validation_prompt and config.num_validation_images and (step % config.validation_steps == 0 or is_last):
                 self.validate()
         progress.close()
         steps_per_second = None
@@ -326,6 +333,7 @@ class Trainer:
             path = ckpt.save_checkpoint(
                 self.output_dir, self.state, self.method.state_dict(self.components), self.optimizer,
                 self.lr_scheduler, self.accelerator.scaler, total_limit=self.config.checkpoints_total_limit,
+                write_outputs=lambda folder: self.method.save_checkpoint_outputs(self.components, folder),
             )
             logger.info("saved %s", path)
         self.accelerator.wait_for_everyone()

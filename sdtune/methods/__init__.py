@@ -48,6 +48,9 @@ class Method(Protocol):
     def export(self, components: Components, output_dir: Path) -> dict[str, Path]:
         """Write every output format; return {format name: path}."""
 
+    def save_checkpoint_outputs(self, components: Components, folder: Path) -> None:
+        """Write into a checkpoint folder the files diffusers users load from one (``unet/``, the LoRA file, the embedding)."""
+
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]

@@ -83,6 +83,11 @@ class DreamBoothMethod:
                 shadow.copy_(state_dict[f"ema.{i}"])
             self.ema.optimization_step = int(state_dict["ema.optimization_step"])
 
+    def save_checkpoint_outputs(self, components: Components, folder: Path) -> None:
+        unwrap_model(components.unet).save_pretrained(folder / "unet", safe_serialization=True)
+        if self.config.train_text_encoder:
+            unwrap_model(components.text_encoder).save_pretrained(folder / "text_encoder", safe_serialization=True)
+
     def export(self, components: Components, output_dir: Path) -> dict[str, Path]:
         """A `save_pretrained` pipeline folder (EMA weights when --use_ema), and optionally one single file.
 

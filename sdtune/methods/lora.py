@@ -145,8 +145,12 @@ class LoRAMethod:
             te = get_peft_model_state_dict(unwrap_model(components.text_encoder), save_embedding_layers=False)
         return unet, te
 
-    def export(self, components: Components, output_dir: Path) -> dict[str, Path]:
-        unet_sd, te_sd = self.lora_state_dicts(components)
+    def save_checkpoint_outputs(self, components: Components, folder: Path) -> None:
+        self._save_diffusers_lora(folder, *self.lora_state_dicts(components))
+        if self.embeddings is not None:
+            save_learned_embeds(folder, self.config.placeholder_token, self.embeddings.vectors(components.text_encoder))
+
+    def _save_diffusers_lora(self, output_dir: Path, unet_sd: dict, te_sd: dict | None) -> Path:
         metadata = {"r": self.config.rank, "lora_alpha": self.lora_alpha, "use_dora": self.config.use_dora}
         StableDiffusionPipeline.save_lora_weights(
             output_dir,
@@ -159,7 +163,11 @@ class LoRAMethod:
             text_encoder_lora_adapter_metadata={**metadata, "target_modules": TEXT_ENCODER_TARGETS} if te_sd else None,
             safe_serialization=True,
         )
-        outputs = {"diffusers": output_dir / DIFFUSERS_LORA_FILE}
+        return output_dir / DIFFUSERS_LORA_FILE
+
+    def export(self, components: Components, output_dir: Path) -> dict[str, Path]:
+        unet_sd, te_sd = self.lora_state_dicts(components)
+        outputs = {"diffusers": self._save_diffusers_lora(output_dir, unet_sd, te_sd)}
         bundle = None
         if self.embeddings is not None:  # pivotal tuning: the token travels with the LoRA
             vectors = self.embeddings.vectors(components.text_encoder)
