@@ -179,3 +179,19 @@ def test_hub_token_is_blanked_in_the_command_line():
     argv = ["sdtune", "train-lora", "--hub_token", "hf_a", "--hub-token=hf_b", "--rank", "4"]
     hide_hub_token(argv)
     assert argv == ["sdtune", "train-lora", "--hub_token", "***", "--hub-token=***", "--rank", "4"]
+
+
+def test_epochs_samples_tokenizer_and_full_pipeline_flags_train_end_to_end(tiny_model, shapes_dir, tmp_path, capsys):
+    """textual_inversion.py's flags: 2 of 8 images x 2 epochs = 4 steps, validation every epoch, a pipeline folder."""
+    from transformers import CLIPTokenizer
+
+    out = tmp_path / "out"
+    argv = ["train-textual-inversion", "--pretrained_model_name_or_path", str(tiny_model), "--train_data_dir", str(shapes_dir),
+            "--placeholder_token", "<cat-toy>", "--initializer_token", "a", "--resolution", "64", "--train_batch_size", "1",
+            "--max_train_samples", "2", "--repeats", "1", "--num_train_epochs", "2", "--validation_epochs", "1",
+            "--validation_prompt", "a <cat-toy>", "--num_validation_images", "1", "--validation_inference_steps", "1",
+            "--tokenizer_name", str(tiny_model), "--save_as_full_pipeline", "--report_to", "none", "--output_dir", str(out)]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.startswith("done: 4 steps")
+    assert sorted(p.name[:10] for p in (out / "validation").glob("*.png")) == ["step000002", "step000004"]
+    assert "<cat-toy>" in CLIPTokenizer.from_pretrained(out / "tokenizer").get_vocab()
