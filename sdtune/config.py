@@ -257,14 +257,12 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(config_cls: type, values: dict[str, Any], source: str = "option") -> TrainConfig:
-    """Make a config from option values, rejecting unknown names with a suggestion."""
+    """Make a config from option values, rejecting every unknown name at once, each with a suggestion."""
     names = {f.name for f in dataclasses.fields(config_cls)}
-    normalized: dict[str, Any] = {}
-    for key, value in values.items():
-        name = key.replace("-", "_")
-        if name not in names:
-            raise ConfigError(f"unknown {source} '{key}'{did_you_mean(name, names)}")
-        normalized[name] = value
+    normalized = {key.replace("-", "_"): value for key, value in values.items()}
+    unknown = [f"'{key}'{did_you_mean(key.replace('-', '_'), names)}" for key in values if key.replace("-", "_") not in names]
+    if unknown:
+        raise ConfigError(f"unknown {source} {', '.join(unknown)}")
     try:
         return config_cls(**normalized)
     except (TypeError, ValueError) as err:
