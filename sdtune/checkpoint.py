@@ -21,6 +21,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -41,7 +42,7 @@ class TrainerState:
 
 def save_checkpoint(
     output_dir: Path, state: TrainerState, trained: dict[str, torch.Tensor], optimizer, lr_scheduler, scaler=None,
-    total_limit: int | None = None, write_outputs=None,
+    total_limit: int | None = None, write_outputs: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` through a temporary folder renamed at the end (main process only).
 
@@ -83,13 +84,17 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def resolve_checkpoint(resume_from_checkpoint: str, output_dir: Path) -> Path | None:
-    """'latest' → newest complete checkpoint in output_dir (None if there is none); else the given folder."""
+    """'latest' → newest complete checkpoint in output_dir (None if there is none); else the given folder,
+    looked up inside output_dir too (``checkpoint-500``, as diffusers does)."""
     if resume_from_checkpoint == "latest":
         found = list_checkpoints(output_dir)
         return found[-1] if found else None
     path = Path(resume_from_checkpoint)
+    if not (path / STATE_FILE).is_file() and (output_dir / path / STATE_FILE).is_file():
+        path = output_dir / path
     if not (path / STATE_FILE).is_file():
-        raise SdtuneError(f"--resume_from_checkpoint {path}: not a complete sdtune checkpoint (no {STATE_FILE})")
+        raise SdtuneError(f"--resume_from_checkpoint {resume_from_checkpoint}: not a complete sdtune checkpoint "
+                          f"(no {STATE_FILE} there or in {output_dir})")
     return path
 
 

@@ -16,16 +16,17 @@ import yaml
 from sdtune.config import (
     DreamBoothConfig,
     LoRAConfig,
-
     TextualInversionConfig,
+    TrainConfig,
     build_config,
     did_you_mean,
     field_base_type,
     load_recipe,
     parse_value,
 )
-from sdtune.errors import ConfigError, SdtuneError
 from sdtune.command_configs import CaptionConfig, DemoConfig, GenerateConfig, PushConfig
+from sdtune.diffusers_compat import apply_compat_flags, compat_flags, hide_hub_token
+from sdtune.errors import ConfigError, SdtuneError
 
 logger = logging.getLogger("sdtune")
 
@@ -105,8 +106,18 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as one ConfigError line (main prints it) instead of usage text and an exit."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
+COMPAT_PREFIX = "compat:"  # argparse dest of the diffusers-only flags (sdtune.diffusers_compat)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdtune", description="Fine-tune Stable Diffusion.", allow_abbrev=False)
+    parser = _Parser(prog="sdtune", description="Fine-tune Stable Diffusion.", allow_abbrev=False)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in COMMANDS.items():
         sub = subparsers.add_parser(name, help=command.description, description=command.description, allow_abbrev=False,
@@ -125,7 +136,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, command: Command) -> None
         if f.name == command.positional:
             parser.add_argument(f"_{f.name}", nargs="?", metavar=f.name.upper(), default=argparse.SUPPRESS,
                                 help=f.metadata["help"])
-        default = f.default if f.default is not dataclasses.MISSING else "required"
+        default = f.metadata.get("default_text", f.default if f.default is not dataclasses.MISSING else "required")
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {default})")
         if field_base_type(f) is bool:
@@ -133,6 +144,14 @@ def _add_config_flags(parser: argparse.ArgumentParser, command: Command) -> None
         else:
             kwargs.update(metavar=field_base_type(f).__name__.upper())
         group.add_argument(*flags, **kwargs)
+    if issubclass(command.config_cls, TrainConfig):
+        group = parser.add_argument_group("diffusers example-script flags (accepted so their command lines keep working)")
+        for name, (nargs, text) in compat_flags().items():
+            flags = [f"--{name}", f"--{name.replace('_', '-')}"]
+            kwargs = dict(dest=COMPAT_PREFIX + name, default=argparse.SUPPRESS, help=text, nargs=nargs)
+            if nargs == "?":
+                kwargs.update(const="true", metavar="BOOL")
+            group.add_argument(*flags, **kwargs)
 
 
 _NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -153,23 +172,38 @@ def parse_config(command: str, argv: Sequence[str]):
     """Resolve recipe + flags (+ positional) for a subcommand into its frozen config."""
     spec = COMMANDS[command]
     args, unknown = build_parser().parse_known_args([command, *_attach_negative_numbers(argv)])
-    names = [f.name for f in dataclasses.fields(spec.config_cls)]
-    if unknown:
-        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
-        raise ConfigError(f"unknown option '{flag}'{did_you_mean(flag.lstrip('-').replace('-', '_'), names)}")
-    values = load_recipe(args.config) if args.config else {}
     fields = {f.name: f for f in dataclasses.fields(spec.config_cls)}
+    if unknown:
+        raise ConfigError(_unknown_message(unknown, [*fields, *compat_flags(), "config", "print_config", "debug"]))
+    values = load_recipe(args.config) if args.config else {}
     given = vars(args)
     if spec.positional and f"_{spec.positional}" in given:
         values[spec.positional] = given[f"_{spec.positional}"]
     for name, text in given.items():
         if name in fields:
             values[name] = parse_value(fields[name], text)
+    compat = {name[len(COMPAT_PREFIX):]: text for name, text in given.items() if name.startswith(COMPAT_PREFIX)}
+    apply_compat_flags(compat, values, explicit={name for name in given if name in fields})
     return build_config(spec.config_cls, values, source=f"key in {args.config}" if args.config else "option"), args
 
 
+def _unknown_message(unknown: Sequence[str], names: Sequence[str]) -> str:
+    """Every unknown flag in one line, each with its did-you-mean."""
+    flags = [u.split("=", 1)[0] for u in unknown if u.startswith("-")]
+    if not flags:
+        return f"unexpected argument{'s' if len(unknown) > 1 else ''} {', '.join(repr(u) for u in unknown)}"
+    parts = []
+    for flag in flags:
+        hint = did_you_mean(flag.lstrip("-").replace("-", "_"), names, prefix="--").lstrip("; ")
+        parts.append(f"'{flag}'" + (f" ({hint})" if hint else ""))
+    return f"unknown option{'s' if len(flags) > 1 else ''} {', '.join(parts)}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from_sys_argv = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if from_sys_argv:
+        hide_hub_token(sys.argv)  # the copy above keeps it; trackers that record sys.argv see ***
     debug = "--debug" in argv
     _setup_logging()
     parser = build_parser()

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class TrainConfig:
         None, "Override the prediction type read from the scheduler config (SD 2.x 768 px models use v_prediction)."
     )
     allow_pickle: bool = option(False, "Allow loading pickle weights (.bin/.ckpt/.pt). Only for files you trust.")
+    tokenizer_name: str | None = option(None, "A tokenizer (Hub id or folder) to use instead of the base model's.")
 
     # --- data ----------------------------------------------------------------------------
     instance_data_dir: str | None = option(
@@ -75,6 +77,8 @@ class TrainConfig:
     cache_text_embeddings: bool = option(True, "Encode each caption once when the text encoder is frozen.")
     vae_batch_size: int = option(4, "Images per VAE call while caching.")
     dataloader_num_workers: int = option(0, "Data loader worker processes.")
+    max_train_samples: int | None = option(None, "Train on a seeded random subset of this many images (for quick runs).")
+    repeats: int = option(1, "Passes over the images that make one epoch (for --num_train_epochs and --validation_epochs).")
 
     # --- new tokens (textual inversion, pivotal tuning) -------------------------------------
     placeholder_token: str | None = option(None, "New token to learn, e.g. '<cat-toy>'; put it in captions or --instance_prompt.")
@@ -96,6 +100,9 @@ class TrainConfig:
     train_batch_size: int = option(1, "Batch size per device.")
     gradient_accumulation_steps: int = option(1, "Batches accumulated per optimizer step.")
     max_train_steps: int = option(1000, "Optimizer steps to train for.")
+    num_train_epochs: int | None = option(
+        None, "Train this many epochs instead of --max_train_steps (steps computed from the dataset size; "
+              "both on the command line: --max_train_steps wins, as in diffusers).")
     learning_rate: float = option(1e-4, "Learning rate.")
     scale_lr: bool = option(False, "Multiply the learning rate by accumulation steps x batch size x processes.")
     lr_scheduler: Literal[
@@ -117,6 +124,7 @@ class TrainConfig:
         None, "no / fp16 / bf16 / auto (bf16 or fp16 on GPUs, bf16 on CPUs with AMX, else no; default: what `accelerate config` set). Trained weights stay fp32."
     )
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
+    allow_tf32: bool = option(False, "Allow TF32 matmuls on Ampere and newer GPUs (faster, slightly less precise).")
     snr_gamma: float | None = option(None, "Min-SNR weighting gamma (5.0 is the paper's value). Off by default.")
     noise_offset: float = option(0.0, "Noise offset strength (e.g. 0.05); 0 turns it off.")
 
@@ -125,19 +133,22 @@ class TrainConfig:
     checkpoints_total_limit: int | None = option(None, "Keep at most this many checkpoints (oldest removed first).")
     resume_from_checkpoint: str | None = option(None, "'latest' or a checkpoint folder to resume from.")
     validation_prompt: str | None = option(None, "Prompt for validation images (none: no validation).")
-    num_validation_images: int = option(4, "Validation images per prompt.")
+    num_validation_images: int = option(4, "Validation images per prompt (0: no validation).")
     validation_steps: int = option(100, "Make validation images every N steps (and at the end).")
+    validation_epochs: int | None = option(None, "Make validation images every N epochs instead of --validation_steps.")
     validation_inference_steps: int = option(25, "Denoising steps of validation images.")
     report_to: Literal["tensorboard", "wandb", "none"] = option("tensorboard", "Tracker for losses and images.")
     logging_dir: str = option("logs", "Tracker folder, relative to --output_dir.")
     tracker_project_name: str = option("sdtune", "Project name in the tracker.")
     push_to_hub: bool = option(False, "Upload the output folder to the Hub after export (token: HF_TOKEN or `hf auth login`).")
-    hub_model_id: str | None = option(None, "Hub repository for --push_to_hub, e.g. me/sks-dog.")
+    hub_model_id: str | None = option(None, "Hub repository for --push_to_hub, e.g. me/sks-dog (default: the output folder's name).")
     hub_private: bool = option(False, "Create the Hub repository private.")
 
     method: typing.ClassVar[str] = ""
 
     def __post_init__(self) -> None:
+        if self.push_to_hub and not self.hub_model_id:  # diffusers names the repository after the output folder
+            object.__setattr__(self, "hub_model_id", Path(self.output_dir).resolve().name)
         for f in dataclasses.fields(self):
             check_type(f, getattr(self, f.name))
         _check_range(self)
@@ -174,6 +185,8 @@ class TextualInversionConfig(TrainConfig):
     """Textual inversion: only the new token's embedding vectors are learned."""
 
     learning_rate: float = option(5e-4, "Learning rate of the embedding vectors.")
+    repeats: int = option(100, "Passes over the images that make one epoch (for --num_train_epochs; diffusers' default).")
+    save_as_full_pipeline: bool = option(False, "Also save a pipeline folder whose tokenizer and text encoder hold the new token.")
     learnable_property: Literal["object", "style"] = option(
         "object", "Caption template set for images without a caption: 'a photo of a <tok>' or 'a painting in the style of <tok>'.")
 
@@ -185,7 +198,9 @@ class DreamBoothConfig(LoRAConfig):
     """DreamBooth: a full fine-tune of the UNet (and optionally the text encoder), or with --use_lora
     the LoRA method's adapters. The LoRA options apply only with --use_lora."""
 
-    learning_rate: float = option(5e-6, "Learning rate (full fine-tunes want ~5e-6; LoRA ~1e-4).")
+    learning_rate: float | None = option(
+        None, "Learning rate (default: 5e-6 for a full fine-tune, 5e-4 with --use_lora, as the diffusers scripts).",
+        default_text="5e-6, or 5e-4 with --use_lora")
     use_lora: bool = option(False, "Train LoRA adapters instead of all UNet weights (DreamBooth-LoRA).")
     stop_text_encoder_training: int | None = option(
         None, "With --train_text_encoder, freeze the text encoder after this many steps.")
@@ -195,6 +210,11 @@ class DreamBoothConfig(LoRAConfig):
     save_precision: Literal["fp32", "fp16", "bf16"] = option("fp16", "Precision of the --save_single_file checkpoint (the pipeline folder is fp32).")
 
     method: typing.ClassVar[str] = "dreambooth"
+
+    def __post_init__(self) -> None:
+        if self.learning_rate is None:  # train_dreambooth.py's and train_dreambooth_lora.py's defaults
+            object.__setattr__(self, "learning_rate", 5e-4 if self.use_lora else 5e-6)
+        super().__post_init__()
 
 
 def check_ready_to_train(config: TrainConfig) -> None:
@@ -236,23 +256,22 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(config_cls: type, values: dict[str, Any], source: str = "option") -> TrainConfig:
-    """Make a config from option values, rejecting unknown names with a suggestion."""
+    """Make a config from option values, rejecting every unknown name at once, each with a suggestion."""
     names = {f.name for f in dataclasses.fields(config_cls)}
-    normalized: dict[str, Any] = {}
-    for key, value in values.items():
-        name = key.replace("-", "_")
-        if name not in names:
-            raise ConfigError(f"unknown {source} '{key}'{did_you_mean(name, names)}")
-        normalized[name] = value
+    normalized = {key.replace("-", "_"): value for key, value in values.items()}
+    unknown = [f"'{key}'{did_you_mean(key.replace('-', '_'), names)}" for key in values if key.replace("-", "_") not in names]
+    if unknown:
+        raise ConfigError(f"unknown {source} {', '.join(unknown)}")
     try:
         return config_cls(**normalized)
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
 
 
-def did_you_mean(name: str, candidates: typing.Iterable[str]) -> str:
+def did_you_mean(name: str, candidates: typing.Iterable[str], prefix: str = "") -> str:
+    """'; did you mean '--rank'?' for the closest candidate (with ``prefix``), or '' if none is close."""
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
 
 
 def field_choices(f: dataclasses.Field) -> tuple | None:
@@ -321,11 +340,14 @@ def check_type(f: dataclasses.Field, value: Any) -> None:
 def _check_range(config: TrainConfig) -> None:
     positive = ["resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "vae_batch_size",
                 "num_class_images", "sample_batch_size", "class_generation_steps",
-                "num_validation_images", "validation_steps", "bucket_reso_steps", "validation_inference_steps"]
+                "validation_steps", "repeats", "bucket_reso_steps", "validation_inference_steps"]
     for name in positive:
         if getattr(config, name) <= 0:
             raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
-    for name in ("learning_rate", "checkpointing_steps", "lr_warmup_steps", "max_grad_norm", "noise_offset", "keep_tokens",
+    for name in ("num_train_epochs", "validation_epochs", "max_train_samples"):
+        if getattr(config, name) is not None and getattr(config, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
+    for name in ("learning_rate", "checkpointing_steps", "num_validation_images", "lr_warmup_steps", "max_grad_norm", "noise_offset", "keep_tokens",
                  "dataloader_num_workers"):
         if getattr(config, name) < 0:
             raise ValueError(f"{name} must not be negative, got {getattr(config, name)}")
@@ -353,3 +375,19 @@ def _check_range(config: TrainConfig) -> None:
             raise ValueError(f"rank must be positive, got {config.rank}")
         if not 0.0 <= config.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {config.lora_dropout}")
+
+
+def resolve_epochs(config: TrainConfig, batches_per_epoch: int) -> TrainConfig:
+    """``config`` with --num_train_epochs and --validation_epochs turned into steps.
+
+    Args:
+        config: The run's config.
+        batches_per_epoch: Global batches in one pass over the images (the sampler's count).
+    """
+    steps_per_epoch = math.ceil(batches_per_epoch * config.repeats / config.gradient_accumulation_steps)
+    changes = {}
+    if config.num_train_epochs is not None:
+        changes["max_train_steps"] = config.num_train_epochs * steps_per_epoch
+    if config.validation_epochs is not None:
+        changes["validation_steps"] = config.validation_epochs * steps_per_epoch
+    return dataclasses.replace(config, **changes) if changes else config

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sdtune import checkpoint as ckpt
 from sdtune import diffusion
-from sdtune.config import TrainConfig, check_ready_to_train
+from sdtune.config import TrainConfig, check_ready_to_train, resolve_epochs
 from sdtune.data.cache import TextEmbeddingCache
 from sdtune.data.class_images import ensure_class_images
 from sdtune.data.training_data import build_training_data
@@ -97,6 +98,8 @@ class Trainer:
             # ZeRO partitions the optimizer state; sdtune's checkpoint format holds it whole.
             raise ConfigError("resumable checkpoints are not supported under DeepSpeed yet; pass --checkpointing_steps 0")
         set_seed(config.seed)  # adapter initialisation draws from the global RNGs
+        if config.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.output_dir / CONFIG_FILE)
@@ -111,8 +114,12 @@ class Trainer:
         resume = None  # a wrong --resume_from_checkpoint fails here, not after a minute of model loading
         if config.resume_from_checkpoint:
             resume = ckpt.resolve_checkpoint(config.resume_from_checkpoint, self.output_dir)
+        if config.max_train_samples is not None and config.max_train_samples < len(records):
+            records = random.Random(config.seed).sample(records, config.max_train_samples)  # a seeded subset, as diffusers
         self._setup_model()
         self._setup_data(records)
+        # --num_train_epochs / --validation_epochs become steps now that the epoch's size is known
+        self.config = self.method.config = config = resolve_epochs(config, self.sampler.batches_per_epoch)
         self._setup_optimizer()
         self.state = ckpt.TrainerState()
         if config.resume_from_checkpoint:
@@ -135,7 +142,7 @@ class Trainer:
         self.components = load_components(
             config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant,
             single_file_config=config.single_file_config, prediction_type=config.prediction_type,
-            allow_pickle=config.allow_pickle, weight_dtype=self.weight_dtype,
+            allow_pickle=config.allow_pickle, weight_dtype=self.weight_dtype, tokenizer_name=config.tokenizer_name,
         )
         device = self.accelerator.device
         for module in (self.components.unet, self.components.vae, self.components.text_encoder):
@@ -251,7 +258,7 @@ class Trainer:
                 pending = []
             if checkpoint_due:
                 self.save_checkpoint()
-            if config.validation_prompt and (step % config.validation_steps == 0 or is_last):
+            if config.validation_prompt and config.num_validation_images and (step % config.validation_steps == 0 or is_last):
                 self.validate()
         progress.close()
         steps_per_second = None

@@ -59,6 +59,7 @@ def load_components(
     prediction_type: str | None = None,
     allow_pickle: bool = False,
     weight_dtype: torch.dtype = torch.float32,
+    tokenizer_name: str | None = None,
 ) -> Components:
     """Load every component from a Hub id, a local diffusers folder or a single checkpoint file.
 
@@ -85,6 +86,8 @@ def load_components(
             "pass a diffusers folder, a Hub id or a .safetensors checkpoint"
         ) from None
     unet, vae, text_encoder, tokenizer, scheduler = parts
+    if tokenizer_name:
+        tokenizer = _load_tokenizer(tokenizer_name, revision)
 
     if tokenizer.model_max_length > 1_000_000:  # tokenizers saved without it break max-length padding
         tokenizer.model_max_length = text_encoder.config.max_position_embeddings
@@ -103,6 +106,16 @@ def load_components(
         inference_scheduler=scheduler, prediction_type=noise_scheduler.config.prediction_type, fingerprint=_fingerprint(vae),
         source_file=source if Path(source).is_file() else None,
     )
+
+
+def _load_tokenizer(name: str, revision: str | None) -> CLIPTokenizer:
+    """--tokenizer_name: a tokenizer folder (or one under ``tokenizer/`` of a model) or Hub id."""
+    subfolder = "tokenizer" if (Path(name) / "tokenizer").is_dir() else ""
+    try:
+        return CLIPTokenizer.from_pretrained(name, subfolder=subfolder, revision=revision)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"--tokenizer_name {name}: could not load a CLIP tokenizer ({first_line})") from None
 
 
 def _looks_like_local_path(source: str) -> bool:

@@ -51,7 +51,7 @@ def test_diffusers_script_flag_names_are_accepted():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--rnak", "4"], "unknown option '--rnak'; did you mean 'rank'?"),
+        (["--rnak", "4"], "unknown option '--rnak' (did you mean '--rank'?)"),
         (["--rank", "four"], "--rank: expected int, got 'four'"),
         (["--lora_targets", "atn"], "lora_targets: 'atn' is not one of attn, attn_ff, all; did you mean 'attn'?"),
         (["--mixed_precision", "fp8"], "mixed_precision: 'fp8' is not one of no, fp16, bf16"),

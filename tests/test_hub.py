@@ -256,3 +256,30 @@ def test_cli_push_with_a_bad_token_is_one_line_and_says_how_to_retry(hub, output
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "401" in err and f"sdtune push {output_dir} --repo_id {REPO}" in err
     assert "hf_wrongwrong" not in err
+
+
+def test_diffusers_hub_token_flag_uploads_but_is_written_nowhere(hub, tiny_model, shapes_dir, tmp_path, monkeypatch,
+                                                                   caplog, capsys):
+    """train_dreambooth_lora.py-style --hub_token: the upload uses it, and no file, log or output holds it.
+
+    (--push_to_hub without --hub_model_id is covered in test_diffusers_compat.py: this fake Hub cannot
+    answer for a repo without a namespace, which huggingface_hub 2.4 then refuses to parse.)"""
+    from sdtune.cli import main
+
+    monkeypatch.setenv("HF_TOKEN", "")  # restored afterwards; --hub_token replaces it for this process
+    caplog.set_level(logging.DEBUG)
+    out = tmp_path / "shapes-lora"
+    argv = ["train-dreambooth", "--use_lora", "--pretrained_model_name_or_path", str(tiny_model), "--instance_data_dir",
+            str(shapes_dir), "--resolution", "64", "--max_train_steps", "2", "--checkpointing_steps", "1",
+            "--validation_prompt", "a sks shape", "--num_validation_images", "1", "--validation_inference_steps", "1",
+            "--output_dir", str(out), "--push_to_hub", "--hub_model_id", REPO, "--hub_token", TOKEN]
+    assert main(argv) == 0
+    assert "pytorch_lora_weights.safetensors" in hub.files(REPO)
+    assert all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in hub.requests)
+    assert hub.token_leaks(TOKEN) == []
+    captured = capsys.readouterr()
+    assert TOKEN not in captured.out + captured.err + caplog.text
+    assert "HF_TOKEN" in caplog.text  # the warning
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert any("checkpoint-" in str(p) for p in written) and any("logs" in str(p) for p in written)
+    assert all(TOKEN.encode() not in p.read_bytes() for p in written)

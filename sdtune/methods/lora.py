@@ -147,8 +147,7 @@ class LoRAMethod:
             te = get_peft_model_state_dict(unwrap_model(components.text_encoder), save_embedding_layers=False)
         return unet, te
 
-    def export(self, components: Components, output_dir: Path) -> dict[str, Path]:
-        unet_sd, te_sd = self.lora_state_dicts(components)
+    def _save_diffusers_lora(self, output_dir: Path, unet_sd: dict, te_sd: dict | None) -> Path:
         # rank_pattern and alpha_pattern (empty): diffusers 0.34 reads them from the metadata unconditionally
         metadata = {"r": self.config.rank, "lora_alpha": self.lora_alpha, "use_dora": self.config.use_dora,
                     "rank_pattern": {}, "alpha_pattern": {}}
@@ -164,7 +163,11 @@ class LoRAMethod:
             text_encoder_lora_adapter_metadata={**metadata, "target_modules": TEXT_ENCODER_TARGETS} if te_sd else None,
             safe_serialization=True,
         )
-        outputs = {"diffusers": output_dir / DIFFUSERS_LORA_FILE}
+        return output_dir / DIFFUSERS_LORA_FILE
+
+    def export(self, components: Components, output_dir: Path) -> dict[str, Path]:
+        unet_sd, te_sd = self.lora_state_dicts(components)
+        outputs = {"diffusers": self._save_diffusers_lora(output_dir, unet_sd, te_sd)}
         bundle = None
         if self.embeddings is not None:  # pivotal tuning: the token travels with the LoRA
             vectors = self.embeddings.vectors(components.text_encoder)

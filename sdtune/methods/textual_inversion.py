@@ -76,10 +76,17 @@ class TextualInversionMethod:
 
     def export(self, components: Components, output_dir: Path) -> dict[str, Path]:
         vectors = self.embeddings.vectors(components.text_encoder)
-        return {
+        outputs = {
             "diffusers": save_learned_embeds(output_dir, self.config.placeholder_token, vectors),
             "a1111": save_a1111_embedding(output_dir, self.config.placeholder_token, vectors),
         }
+        if self.config.save_as_full_pipeline:  # the tokenizer and text encoder already hold the new token
+            components.pipeline().save_pretrained(output_dir, safe_serialization=True)
+            outputs["pipeline"] = output_dir / "model_index.json"
+        return outputs
 
     def export_checkpoint(self, components: Components, folder: Path) -> dict[str, Path]:
-        return self.export(components, folder)  # reads the vectors, changes nothing
+        """The embedding files (not the full pipeline): they read the vectors and change nothing."""
+        vectors = self.embeddings.vectors(components.text_encoder)
+        return {"diffusers": save_learned_embeds(folder, self.config.placeholder_token, vectors),
+                "a1111": save_a1111_embedding(folder, self.config.placeholder_token, vectors)}
