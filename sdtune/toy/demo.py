@@ -18,6 +18,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
+from sdtune.export import DIFFUSERS_LORA_FILE
 from sdtune.evaluation import ConceptReport, ConceptSpec, Probe, SamplingSettings, attribute_accuracy, evaluate_concept
 from sdtune.sampling import make_grid
 from sdtune.toy.base_model import BASE_DIR
@@ -223,8 +224,8 @@ def _load_result(name: str, base: str | Path, output: Path) -> StableDiffusionPi
     if name.startswith("dreambooth"):
         return _pipeline(output)
     pipe = _pipeline(base)
-    if name == "lora":
-        pipe.load_lora_weights(output)
+    if name == "lora":  # the file named: diffusers 0.34-0.36 cannot search a local folder offline
+        pipe.load_lora_weights(output, weight_name=DIFFUSERS_LORA_FILE)
     else:
         pipe.load_textual_inversion(output)
     return pipe
