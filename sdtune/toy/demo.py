@@ -18,8 +18,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
-from sdtune.export import DIFFUSERS_LORA_FILE
 from sdtune.evaluation import ConceptReport, ConceptSpec, Probe, SamplingSettings, attribute_accuracy, evaluate_concept
+from sdtune.export import DIFFUSERS_LORA_FILE
 from sdtune.sampling import make_grid
 from sdtune.toy.base_model import BASE_DIR
 from sdtune.toy.judge import load_judge
