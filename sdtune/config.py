@@ -298,16 +298,24 @@ def parse_value(f: dataclasses.Field, text: str) -> Any:
         return None
     kind = field_base_type(f)
     if kind is bool:
-        lowered = text.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"--{f.name}: expected true or false, got '{text}'")
+        try:
+            return parse_bool(text)
+        except ValueError as err:
+            raise ConfigError(f"--{f.name}: {err}") from None
     try:
         return kind(text)
     except ValueError:
         raise ConfigError(f"--{f.name}: expected {kind.__name__}, got '{text}'") from None
+
+
+def parse_bool(text: str) -> bool:
+    """'1/true/yes/on' or '0/false/no/off' (any case); anything else raises ValueError."""
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got '{text}'")
 
 
 def _union_args(tp: Any) -> tuple:

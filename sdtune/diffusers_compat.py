@@ -19,18 +19,10 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from sdtune.config import parse_bool
 from sdtune.errors import ConfigError
 
 logger = logging.getLogger("sdtune")
-
-
-def _bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got '{text}'")
 
 
 @dataclass(frozen=True)
@@ -41,10 +33,10 @@ class Alias:
 
 
 ALIASES: dict[str, Alias] = {
-    "use_8bit_adam": Alias("optimizer", lambda text: "adamw8bit" if _bool(text) else None, "?"),
+    "use_8bit_adam": Alias("optimizer", lambda text: "adamw8bit" if parse_bool(text) else None, "?"),
     "save_steps": Alias("checkpointing_steps", int),  # textual_inversion.py's embedding snapshots
-    "pre_compute_text_embeddings": Alias("cache_text_embeddings", lambda text: True if _bool(text) else None, "?"),
-    "offset_noise": Alias("noise_offset", lambda text: 0.1 if _bool(text) else None, "?"),  # train_dreambooth.py's fixed 0.1
+    "pre_compute_text_embeddings": Alias("cache_text_embeddings", lambda text: True if parse_bool(text) else None, "?"),
+    "offset_noise": Alias("noise_offset", lambda text: 0.1 if parse_bool(text) else None, "?"),  # train_dreambooth.py's fixed 0.1
 }
 
 # flag → (nargs, why it changes nothing in sdtune)
