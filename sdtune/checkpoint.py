@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import ConfigError, SdtuneError
 
 logger = logging.getLogger(__name__)
 
@@ -143,3 +143,19 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], saved: dict) -> dict
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     return {"state": state, "param_groups": saved["param_groups"]}
+
+
+def check_trained_shapes(path: Path, trained_now: dict[str, torch.Tensor]) -> None:
+    """Fail in one line, naming the first tensor whose shape differs, when ``path`` was saved with other
+    settings (another --rank, --lora_targets, --train_text_encoder, ...) than the run resuming from it."""
+    from safetensors import safe_open
+
+    with safe_open(str(path / "trained.safetensors"), "pt") as f:
+        saved = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+    now = {key: list(tensor.shape) for key, tensor in trained_now.items()}
+    if saved != now:
+        key = next(k for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k))
+        raise ConfigError(
+            f"--resume_from_checkpoint {path} was saved with other settings: {key} is {saved.get(key, 'absent')} "
+            f"there and {now.get(key, 'absent')} now (another --rank, --lora_targets, --train_text_encoder, ...?); "
+            "resume with the settings it was saved with, or start a new --output_dir")

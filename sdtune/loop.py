@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from sdtune.model_card import write_training_card
 from sdtune.methods import Method
 from sdtune.models import Components, encode_text, load_components, tokenize
 from sdtune.optim import build_lr_scheduler, build_optimizer
+from sdtune.precision import launch_device, resolve_mixed_precision
 from sdtune.sampling import sample_images, save_images
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class Trainer:
         config = self.config
         # Not through PartialState().device: an accelerate state made before the Accelerator changed
         # what two CPU processes computed (they no longer matched one process with the same batch).
-        mixed_precision = resolve_mixed_precision(config.mixed_precision, _launch_device())
+        mixed_precision = resolve_mixed_precision(config.mixed_precision, launch_device())
         self.accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             mixed_precision=mixed_precision,
@@ -194,7 +194,7 @@ class Trainer:
         if path is None:
             logger.info("no checkpoint in %s yet; starting from step 0", self.output_dir)
             return
-        self._check_checkpoint_fits(path)
+        ckpt.check_trained_shapes(path, self.method.state_dict(self.components))
         try:
             self.state, trained = ckpt.load_checkpoint(path, self.optimizer, self.lr_scheduler, self.accelerator.scaler)
         except (ValueError, KeyError) as err:  # e.g. another --optimizer, or parameter groups
@@ -203,20 +203,6 @@ class Trainer:
         self.method.load_state_dict(self.components, trained)
         self._stop_finished_groups()
         logger.info("resumed from %s at step %d", path, self.state.global_step)
-
-    def _check_checkpoint_fits(self, path: Path) -> None:
-        """Name the first trained tensor whose shape differs (another --rank, --lora_targets, ...) in one line."""
-        from safetensors import safe_open
-
-        with safe_open(str(path / "trained.safetensors"), "pt") as f:
-            saved = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
-        now = {key: list(tensor.shape) for key, tensor in self.method.state_dict(self.components).items()}
-        if saved != now:
-            key = next(k for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k))
-            raise ConfigError(
-                f"--resume_from_checkpoint {path} was saved with other settings: {key} is {saved.get(key, 'absent')} "
-                f"there and {now.get(key, 'absent')} now (another --rank, --lora_targets, --train_text_encoder, ...?); "
-                "resume with the settings it was saved with, or start a new --output_dir")
 
     # ------------------------------------------------------------------ train
     def train(self) -> TrainResult:
@@ -426,36 +412,6 @@ class Trainer:
 
 
 _LOG_EVERY = 10  # steps between host syncs for logging; also flushed at checkpoints and the end
-
-
-def _launch_device() -> torch.device:
-    """The device accelerate will pick: CUDA when there is one, unless launched with --cpu."""
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    return torch.device("cuda" if torch.cuda.is_available() and not use_cpu else "cpu")
-
-
-def resolve_mixed_precision(requested: str | None, device: torch.device) -> str | None:
-    """``auto`` → what this machine runs fast and safely; any other value is kept (None: accelerate's config).
-
-    CUDA: bf16 where supported, else fp16. CPU: bf16 only with AMX (bf16 without it is ~13x
-    slower than fp32), else no. Anything else (MPS, XPU, ...): no.
-    """
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu":
-        return "bf16" if cpu_has_amx_bf16() else "no"
-    return "no"
-
-
-def cpu_has_amx_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether the CPU has AMX bf16 tiles (Linux flags; torch's get_cpu_capability() reports AVX levels only)."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return False  # not Linux: no way to tell, so not assumed
-    return any(line.startswith("flags") and "amx_bf16" in line.split() for line in text.splitlines())
 
 
 def _step_seed(seed: int, micro_step: int) -> int:

@@ -9,7 +9,7 @@ import torch
 
 from sdtune import DreamBoothConfig, LoRAConfig, TextualInversionConfig, train_dreambooth, train_lora, train_textual_inversion
 from sdtune.errors import ConfigError
-from sdtune.loop import cpu_has_amx_bf16, resolve_mixed_precision
+from sdtune.precision import cpu_has_amx_bf16, resolve_mixed_precision
 
 METHODS = ["lora", "dreambooth", "dreambooth_lora", "textual_inversion", "pivotal"]
 
@@ -75,9 +75,9 @@ def test_auto_picks_bf16_on_the_cpu_only_with_amx(tmp_path, monkeypatch):
     assert not cpu_has_amx_bf16(str(avx2)) and cpu_has_amx_bf16(str(amx))
     assert not cpu_has_amx_bf16(str(tmp_path / "missing"))  # not Linux: never assumed
     cpu = torch.device("cpu")
-    monkeypatch.setattr("sdtune.loop.cpu_has_amx_bf16", lambda: False)
+    monkeypatch.setattr("sdtune.precision.cpu_has_amx_bf16", lambda: False)
     assert resolve_mixed_precision("auto", cpu) == "no"
-    monkeypatch.setattr("sdtune.loop.cpu_has_amx_bf16", lambda: True)
+    monkeypatch.setattr("sdtune.precision.cpu_has_amx_bf16", lambda: True)
     assert resolve_mixed_precision("auto", cpu) == "bf16"
     for supported, expected in ((True, "bf16"), (False, "fp16")):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, s=supported, **k: s)

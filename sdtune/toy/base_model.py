@@ -25,7 +25,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdtune.toy.tiny_model import tiny_tokenizer
-from sdtune.toy.world import IMAGE_SIZE, Scene, all_scenes, draw, pretraining_scenes, render_folder
+from sdtune.toy.world import IMAGE_SIZE, Scene, all_scenes, draw, pretraining_scenes, render_folder, to_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +37,7 @@ TEXT_HIDDEN = 64
 
 def scene_batch(scenes: list[Scene], batch_size: int, rng: random.Random) -> torch.Tensor:
     """Fresh renders of random scenes as a [B, 3, 32, 32] tensor in [-1, 1]."""
-    images = [draw(rng.choice(scenes), rng) for _ in range(batch_size)]
-    pixels = torch.stack([torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8) for im in images])
-    return pixels.view(batch_size, IMAGE_SIZE, IMAGE_SIZE, 3).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return to_pixels([draw(rng.choice(scenes), rng) for _ in range(batch_size)])
 
 
 def new_vae() -> AutoencoderKL:

@@ -8,6 +8,7 @@ is taught to a new token by textual inversion. The judge scores fixed-seed sampl
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -121,20 +122,25 @@ class Demo:
         }
         self._base_reports: dict[str, ConceptReport] = {}
 
+    @functools.cached_property
+    def base_pipe(self) -> StableDiffusionPipeline:
+        """The untouched base, loaded once for every base figure (fine-tunes load their own copy)."""
+        return _pipeline(self.base)
+
     def evaluate(self, pipe, concept: str) -> ConceptReport:
         return evaluate_concept(pipe, self.judge.classify, self.specs[concept], num_samples=self.settings.num_samples,
                                 settings=self.sampling)
 
     def base_report(self, concept: str) -> ConceptReport:
         if concept not in self._base_reports:
-            self._base_reports[concept] = self.evaluate(_pipeline(self.base), concept)
+            self._base_reports[concept] = self.evaluate(self.base_pipe, concept)
         return self._base_reports[concept]
 
     def held_in_accuracy(self) -> dict[str, float]:
         """The base's per-attribute accuracy on full captions of the pretraining scenes."""
         scenes = pretraining_scenes()
         expected = [scenes[i % len(scenes)] for i in range(self.settings.held_in_samples)]
-        rates = attribute_accuracy(_pipeline(self.base), self.judge.classify, expected, [s.caption() for s in expected],
+        rates = attribute_accuracy(self.base_pipe, self.judge.classify, expected, [s.caption() for s in expected],
                                    attributes=("shape", "color", "background"), settings=self.sampling)
         return {k: round(v, 4) for k, v in rates.items()}
 

@@ -13,14 +13,13 @@ import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sdtune.toy.world import BACKGROUNDS, COLORS, IMAGE_SIZE, SHAPES, Scene, all_scenes, draw
+from sdtune.toy.world import BACKGROUNDS, COLORS, IMAGE_SIZE, SHAPES, Scene, all_scenes, draw, to_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +49,10 @@ class Judge(nn.Module):
     @torch.no_grad()
     def classify(self, images: list[Image.Image]) -> list[Scene]:
         """What each image shows, by the judge (images of any size are resized to 32 px)."""
-        pixels = images_to_tensor(images)
+        pixels = to_pixels(images)
         logits = self(pixels)
         picks = {name: logits[name].argmax(dim=1).tolist() for name in self.labels}
         return [Scene(**{name: self.labels[name][picks[name][i]] for name in self.labels}) for i in range(len(images))]
-
-
-def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
-    """[B, 3, 32, 32] in [-1, 1]."""
-    arrays = [np.asarray(im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)) for im in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def load_judge(path: str | Path = JUDGE_FILE) -> Judge:
@@ -82,7 +75,7 @@ def save_judge(judge: Judge, path: str | Path = JUDGE_FILE) -> Path:
 
 
 def _render(scenes: list[Scene], rng: random.Random) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    pixels = images_to_tensor([draw(scene, rng) for scene in scenes])
+    pixels = to_pixels([draw(scene, rng) for scene in scenes])
     targets = {name: torch.tensor([values.index(getattr(s, name)) for s in scenes]) for name, values in ATTRIBUTES.items()}
     return pixels, targets
 

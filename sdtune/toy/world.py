@@ -17,6 +17,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 32
@@ -82,6 +84,12 @@ def draw(scene: Scene, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Imag
     else:
         raise ValueError(f"unknown shape {scene.shape!r}; expected one of {SHAPES}")
     return image.resize((size, size), Image.Resampling.BOX)
+
+
+def to_pixels(images: list[Image.Image], size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Images as a [B, 3, size, size] tensor in [-1, 1], the range the VAE and the judge read (resized if needed)."""
+    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BOX)) for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def pretraining_scenes() -> list[Scene]:
