@@ -8,7 +8,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 from sdtune.config import LoRAConfig  # noqa: E402
-from sdtune.toy import build_tiny_model, render_shape_dataset  # noqa: E402
+from sdtune.toy import build_tiny_model, build_tiny_sdxl_model, render_shape_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +21,12 @@ def tiny_model(tmp_path_factory):
 def tiny_model_v(tmp_path_factory):
     """A tiny v-prediction SD model folder (SD 2.x style)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-v"), prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory):
+    """A tiny SDXL model folder (two text encoders, text_time added conditioning)."""
+    return build_tiny_sdxl_model(tmp_path_factory.mktemp("tiny-sdxl"))
 
 
 @pytest.fixture(scope="session")
