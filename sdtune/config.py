@@ -47,6 +47,8 @@ class TrainConfig:
     )
     allow_pickle: bool = option(False, "Allow loading pickle weights (.bin/.ckpt/.pt). Only for files you trust.")
     tokenizer_name: str | None = option(None, "A tokenizer (Hub id or folder) to use instead of the base model's.")
+    pretrained_vae_model_name_or_path: str | None = option(
+        None, "A VAE to use instead of the base model's (e.g. madebyollin/sdxl-vae-fp16-fix): Hub id, folder or .safetensors.")
 
     # --- data ----------------------------------------------------------------------------
     instance_data_dir: str | None = option(
@@ -173,6 +175,7 @@ class LoRAConfig(TrainConfig):
     use_dora: bool = option(False, "Weight-decomposed LoRA (DoRA).")
     train_text_encoder: bool = option(False, "Also train a LoRA on the text encoder (disables text-embedding caching).")
     text_encoder_lr: float | None = option(None, "Learning rate of the text-encoder LoRA (default: --learning_rate).")
+    text_encoder_2_lr: float | None = option(None, "SDXL: learning rate of the second text encoder (default: --text_encoder_lr).")
     train_text_embeddings: bool = option(False, "Pivotal tuning: learn --placeholder_token's embedding together with the LoRA.")
     text_embeddings_lr: float = option(5e-4, "Learning rate of the new token embeddings (pivotal tuning).")
     train_text_embeddings_frac: float = option(1.0, "Stop learning the embeddings after this fraction of the steps (pivotal tuning).")

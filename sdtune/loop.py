@@ -33,7 +33,7 @@ from sdtune.export import follow_umask
 from sdtune.hub import push_to_hub
 from sdtune.model_card import write_training_card
 from sdtune.methods import Method
-from sdtune.models import Components, encode_text, load_components, tokenize
+from sdtune.models import Components, load_components
 from sdtune.optim import build_lr_scheduler, build_optimizer
 from sdtune.precision import launch_device, resolve_mixed_precision
 from sdtune.sampling import sample_images, save_images
@@ -143,9 +143,10 @@ class Trainer:
             config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant,
             single_file_config=config.single_file_config, prediction_type=config.prediction_type,
             allow_pickle=config.allow_pickle, weight_dtype=self.weight_dtype, tokenizer_name=config.tokenizer_name,
+            vae_name_or_path=config.pretrained_vae_model_name_or_path,
         )
         device = self.accelerator.device
-        for module in (self.components.unet, self.components.vae, self.components.text_encoder):
+        for module in (self.components.unet, self.components.vae, *self.components.text_encoders):
             module.to(device)
         if config.with_prior_preservation:  # from the base model, before the method changes anything
             ensure_class_images(
@@ -158,7 +159,8 @@ class Trainer:
         if config.gradient_checkpointing:
             self.components.unet.enable_gradient_checkpointing()
             if self.method.trains_text_encoder:
-                self.components.text_encoder.gradient_checkpointing_enable()
+                for text_encoder in self.components.text_encoders:
+                    text_encoder.gradient_checkpointing_enable()
 
     def _setup_data(self, records) -> None:
         config = self.config
@@ -187,7 +189,7 @@ class Trainer:
         # The DDP/autocast wrappers of trained models run the forward pass; frozen models run bare.
         wrapped = {id(model): wrapper for model, wrapper in zip(models, self.models)}
         self.unet = wrapped.get(id(self.components.unet), self.components.unet)
-        self.text_encoder = wrapped.get(id(self.components.text_encoder), self.components.text_encoder)
+        self.text_encoders = [wrapped.get(id(module), module) for module in self.components.text_encoders]
         self.trained_params = [p for group in self.param_groups for p in group["params"]]
 
     def _resume(self, path: Path | None) -> None:
@@ -281,8 +283,10 @@ class Trainer:
         alphas_cumprod = components.alphas_cumprod
         noisy_latents = diffusion.add_noise(latents, noise, timesteps, alphas_cumprod)
 
-        model_pred = self.unet(noisy_latents.to(self.weight_dtype), timesteps,
-                               self._encoder_hidden_states(batch["caption"], micro_step).to(self.weight_dtype)).sample
+        text = self._text_conditioning(batch["caption"], micro_step)
+        # the model family's inputs: the text's hidden states, and for SDXL the pooled text and the size numbers
+        unet_inputs = components.conditioning.unet_inputs(text, batch["time_ids"], self.weight_dtype)
+        model_pred = self.unet(noisy_latents.to(self.weight_dtype), timesteps, **unet_inputs).sample
         target = diffusion.training_target(latents, noise, timesteps, alphas_cumprod, components.prediction_type)
         weights = batch["loss_weight"].to(device)  # 1 for instance images, prior_loss_weight for class images
         if config.snr_gamma is not None:
@@ -301,15 +305,14 @@ class Trainer:
         rows = [part * per_part * processes + rank * per_part + i for part in range(parts) for i in range(per_part)]
         return rows, parts * per_part * processes
 
-    def _encoder_hidden_states(self, captions: list[str], micro_step: int) -> torch.Tensor:
+    def _text_conditioning(self, captions: list[str], micro_step: int) -> dict[str, torch.Tensor]:
         if self.text_cache is not None:
             return self.text_cache(captions)
-        ids = tokenize(self.components.tokenizer, captions).to(self.accelerator.device)
         step = micro_step // self.config.gradient_accumulation_steps
         if self.method.text_encoder_trains_at(step):
-            return encode_text(self.text_encoder, ids)
-        with torch.no_grad():  # frozen (or no longer trained): the bare module, outside DDP
-            return encode_text(self.components.text_encoder, ids)
+            components = self.components
+            return components.conditioning.encode(self.text_encoders, components.tokenizers, captions, self.accelerator.device)
+        return self._encode_captions(captions)  # frozen (or no longer trained): the bare modules, outside DDP
 
     def _posterior(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.accelerator.device
@@ -321,9 +324,9 @@ class Trainer:
         return posterior.mean, posterior.std
 
     @torch.no_grad()
-    def _encode_captions(self, captions: list[str]) -> torch.Tensor:
-        ids = tokenize(self.components.tokenizer, captions).to(self.accelerator.device)
-        return encode_text(self.components.text_encoder, ids)
+    def _encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        components = self.components
+        return components.conditioning.encode(components.text_encoders, components.tokenizers, captions, self.accelerator.device)
 
     # ------------------------------------------------------------------ bookkeeping
     def _flush_losses(self, pending: list[torch.Tensor], progress) -> None:
@@ -361,7 +364,7 @@ class Trainer:
     def validate(self) -> None:
         if self.accelerator.is_main_process:
             config = self.config
-            modes = {module: module.training for module in (self.components.unet, self.components.text_encoder)}
+            modes = {module: module.training for module in (self.components.unet, *self.components.text_encoders)}
             for module in modes:
                 module.eval()  # no LoRA dropout in the images
             try:

@@ -6,13 +6,18 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL, DDPMScheduler, SchedulerMixin, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel,
+)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from sdtune.conditioning import SDConditioning, TextConditioning, conditioning_for
 
 from sdtune.errors import ModelLoadError
 
@@ -23,7 +28,11 @@ PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
 @dataclass
 class Components:
-    """The pieces a trainer works on. ``fingerprint`` identifies the weights for cache keys."""
+    """The pieces a trainer works on. ``fingerprint`` identifies the weights for cache keys.
+
+    ``conditioning`` holds what differs between model families (SD 1.x/2.x vs SDXL): how captions
+    become the UNet's inputs. SDXL adds ``text_encoder_2`` and ``tokenizer_2``.
+    """
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -34,18 +43,35 @@ class Components:
     prediction_type: str
     fingerprint: str
     source_file: str | None = None  # the single-file checkpoint the model came from, if it did
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    conditioning: TextConditioning = field(default_factory=SDConditioning)
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
         return self.noise_scheduler.alphas_cumprod
 
-    def pipeline(self, scheduler: SchedulerMixin | None = None) -> StableDiffusionPipeline:
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [getattr(self, name) for name in self.conditioning.encoder_names]
+
+    @property
+    def tokenizers(self) -> list[CLIPTokenizer]:
+        return [getattr(self, name.replace("text_encoder", "tokenizer")) for name in self.conditioning.encoder_names]
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.conditioning.family == "sdxl"
+
+    def pipeline(self, scheduler: SchedulerMixin | None = None):
         """A pipeline over these very modules (trained weights included), for sampling and export."""
-        pipe = StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-            scheduler=scheduler or self.inference_scheduler, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        common = dict(vae=self.vae, unet=self.unet, scheduler=scheduler or self.inference_scheduler)
+        if self.is_sdxl:
+            pipe = StableDiffusionXLPipeline(text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
+                                             tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, **common)
+        else:
+            pipe = StableDiffusionPipeline(text_encoder=self.text_encoder, tokenizer=self.tokenizer, safety_checker=None,
+                                           feature_extractor=None, requires_safety_checker=False, **common)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -60,52 +86,78 @@ def load_components(
     allow_pickle: bool = False,
     weight_dtype: torch.dtype = torch.float32,
     tokenizer_name: str | None = None,
+    vae_name_or_path: str | None = None,
 ) -> Components:
     """Load every component from a Hub id, a local diffusers folder or a single checkpoint file.
 
-    All components come back frozen (``requires_grad=False``) in eval mode; the UNet, VAE and text
-    encoder are cast to ``weight_dtype``. Methods unfreeze or add what they train.
+    The family (SD 1.x/2.x or SDXL) is read from the UNet's config. All components come back
+    frozen (``requires_grad=False``) in eval mode; the UNet and text encoders are cast to
+    ``weight_dtype``, the VAE too unless that is fp16 (it stays fp32). Methods unfreeze or add
+    what they train. ``vae_name_or_path`` replaces the model's VAE (e.g. SDXL's fp16-fixed one).
 
     Raises:
         ModelLoadError: the model cannot be found, or only pickle weights exist and ``allow_pickle`` is off.
     """
     source = str(pretrained_model_name_or_path)
-    if _looks_like_local_path(source) and not Path(source).exists():
-        raise ModelLoadError(f"--pretrained_model_name_or_path {source}: no such file or folder")
-    try:
+    with _one_line_load_errors("--pretrained_model_name_or_path", source,
+                               "pass a diffusers folder, a Hub id or a .safetensors checkpoint"):
         if Path(source).is_file():
             parts = _load_single_file(source, single_file_config, allow_pickle)
         else:
             parts = _load_diffusers_layout(source, revision, variant, allow_pickle)
-    except ModelLoadError:
-        raise
-    except (OSError, ValueError, EnvironmentError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(
-            f"--pretrained_model_name_or_path {source}: could not load the model ({first_line}); "
-            "pass a diffusers folder, a Hub id or a .safetensors checkpoint"
-        ) from None
-    unet, vae, text_encoder, tokenizer, scheduler = parts
+    if vae_name_or_path:
+        with _one_line_load_errors("--pretrained_vae_model_name_or_path", vae_name_or_path,
+                                   "pass a diffusers VAE folder (with config.json), a Hub id or a .safetensors VAE file"):
+            parts["vae"] = _load_vae(vae_name_or_path, revision, allow_pickle)
     if tokenizer_name:
-        tokenizer = _load_tokenizer(tokenizer_name, revision)
+        parts["tokenizer"] = _load_tokenizer(tokenizer_name, revision)
 
-    if tokenizer.model_max_length > 1_000_000:  # tokenizers saved without it break max-length padding
-        tokenizer.model_max_length = text_encoder.config.max_position_embeddings
+    for name in ("tokenizer", "tokenizer_2"):
+        tokenizer = parts.get(name)
+        if tokenizer is not None and tokenizer.model_max_length > 1_000_000:  # saved without it: max-length padding breaks
+            tokenizer.model_max_length = parts["text_encoder"].config.max_position_embeddings
+    scheduler = parts.pop("scheduler")
     if prediction_type is not None:
         scheduler.register_to_config(prediction_type=prediction_type)
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)
     # The VAE overflows in fp16 on SD 2.x/XL; it only runs for caching and validation, so keep it fp32.
     vae_dtype = torch.float32 if weight_dtype == torch.float16 else weight_dtype
-    for module, dtype in ((unet, weight_dtype), (vae, vae_dtype), (text_encoder, weight_dtype)):
-        module.requires_grad_(False)
-        module.eval()
-        if module.dtype != dtype:
-            module.to(dtype=dtype)
+    for name, module in parts.items():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+            module.eval()
+            dtype = vae_dtype if name == "vae" else weight_dtype
+            if module.dtype != dtype:
+                module.to(dtype=dtype)
     return Components(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=noise_scheduler,
-        inference_scheduler=scheduler, prediction_type=noise_scheduler.config.prediction_type, fingerprint=_fingerprint(vae),
-        source_file=source if Path(source).is_file() else None,
+        **parts, noise_scheduler=noise_scheduler, inference_scheduler=scheduler,
+        prediction_type=noise_scheduler.config.prediction_type, fingerprint=_fingerprint(parts["vae"]),
+        source_file=source if Path(source).is_file() else None, conditioning=conditioning_for(parts["unet"].config),
     )
+
+
+@contextmanager
+def _one_line_load_errors(option: str, source: str, advice: str):
+    """A missing or unreadable model as one line naming the option, not a loader traceback."""
+    if _looks_like_local_path(source) and not Path(source).exists():
+        raise ModelLoadError(f"{option} {source}: no such file or folder")
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, EnvironmentError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"{option} {source}: could not load it ({first_line}); {advice}") from None
+
+
+def _load_vae(source: str, revision: str | None, allow_pickle: bool) -> AutoencoderKL:
+    """A VAE from a folder/Hub id (its own or a model's ``vae/``) or a single file."""
+    if Path(source).is_file():
+        _refuse_pickle(source, allow_pickle, "--pretrained_vae_model_name_or_path")
+        return AutoencoderKL.from_single_file(source)
+    subfolder = "vae" if (Path(source) / "vae").is_dir() else None
+    return AutoencoderKL.from_pretrained(source, subfolder=subfolder, revision=revision,
+                                         use_safetensors=None if allow_pickle else True)
 
 
 def _load_tokenizer(name: str, revision: str | None) -> CLIPTokenizer:
@@ -123,39 +175,68 @@ def _looks_like_local_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
 
 
-def _load_diffusers_layout(source: str, revision, variant, allow_pickle: bool):
-    common = dict(revision=revision, variant=variant)
-    use_safetensors = None if allow_pickle else True
+def _load_diffusers_layout(source: str, revision, variant, allow_pickle: bool) -> dict:
+    common = dict(revision=revision, variant=variant, use_safetensors=None if allow_pickle else True)
     if Path(source).is_dir():
         _require_safetensors_or_opt_in(Path(source), allow_pickle)
-    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", use_safetensors=use_safetensors, **common)
-    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=use_safetensors, **common)
-    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", use_safetensors=use_safetensors, **common)
-    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
+    parts = {
+        "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", **common),
+        "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **common),
+        "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **common),
+        "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision),
+    }
+    if conditioning_for(parts["unet"].config).family == "sdxl":  # OpenCLIP bigG, whose projection gives the pooled embedding
+        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **common)
+        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", revision=revision)
     scheduler_config = DDPMScheduler.load_config(source, subfolder="scheduler", revision=revision)
     scheduler_class = getattr(diffusers, scheduler_config.get("_class_name", ""), DDPMScheduler)
-    return unet, vae, text_encoder, tokenizer, scheduler_class.from_config(scheduler_config)
+    parts["scheduler"] = scheduler_class.from_config(scheduler_config)
+    return parts
 
 
-def _load_single_file(path: str, config: str | None, allow_pickle: bool):
+def _refuse_pickle(path: str, allow_pickle: bool, option: str) -> None:
     if path.endswith(PICKLE_SUFFIXES) and not allow_pickle:
+        raise ModelLoadError(f"{option} {path} is a pickle file, which can run code when loaded; "
+                             "convert it to .safetensors or pass --allow_pickle if you trust it")
+
+
+def single_file_family(path: str) -> str:
+    """"sdxl", "sdxl_refiner" or "sd", from the keys of an original-layout checkpoint (without loading it)."""
+    if not path.endswith(".safetensors"):
+        return "sd"  # pickle checkpoints are not opened before the user allows it; diffusers detects them
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        keys = list(f.keys())
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        return "sdxl_refiner"  # only OpenCLIP bigG
+    return "sd"
+
+
+def _load_single_file(path: str, config: str | None, allow_pickle: bool) -> dict:
+    _refuse_pickle(path, allow_pickle, "--pretrained_model_name_or_path")
+    family = single_file_family(path)
+    if family == "sdxl_refiner":
+        raise ModelLoadError(f"--pretrained_model_name_or_path {path} is an SDXL refiner, which sdtune does not train; "
+                             "train the SDXL base and pass the refiner to `sdtune generate --refiner`")
+    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    extra = {} if family == "sdxl" else {"safety_checker": None}
+    try:
+        pipe = pipeline_class.from_single_file(path, config=config, **extra) if config else \
+            pipeline_class.from_single_file(path, **extra)
+    except (OSError, ValueError) as err:  # diffusers fetches the family's configs from the Hub
+        if config:
+            raise
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        offline = "HF_HUB_OFFLINE is set, and " if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") else ""
         raise ModelLoadError(
-            f"--pretrained_model_name_or_path {path} is a pickle file, which can run code when loaded; "
-            "convert it to .safetensors or pass --allow_pickle if you trust it"
-        )
-    if config:
-        pipe = StableDiffusionPipeline.from_single_file(path, safety_checker=None, config=config)
-    else:
-        try:
-            pipe = StableDiffusionPipeline.from_single_file(path, safety_checker=None)
-        except (OSError, ValueError) as err:  # diffusers fetches the family's configs from the Hub
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            offline = "HF_HUB_OFFLINE is set, and " if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") else ""
-            raise ModelLoadError(
-                f"--pretrained_model_name_or_path {path}: diffusers reads a single file's configs from the Hub "
-                f"({offline}that failed: {first_line[:150]}); pass --single_file_config with a diffusers folder of "
-                "the same family (e.g. a local stable-diffusion-v1-5 or stable-diffusion-2-1)") from None
-    return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
+            f"--pretrained_model_name_or_path {path}: diffusers reads a single file's configs from the Hub "
+            f"({offline}that failed: {first_line[:150]}); pass --single_file_config with a diffusers folder of "
+            "the same family (e.g. a local stable-diffusion-v1-5, stable-diffusion-2-1 or stable-diffusion-xl-base-1.0)") from None
+    names = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] + ["text_encoder_2", "tokenizer_2"] * (family == "sdxl")
+    return {name: getattr(pipe, name) for name in names}
 
 
 def _require_safetensors_or_opt_in(folder: Path, allow_pickle: bool) -> None:
@@ -173,15 +254,3 @@ def _fingerprint(vae: AutoencoderKL) -> str:
     for p in vae.state_dict().values():
         digest.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
-    """Token ids padded/truncated to the tokenizer's max length (77 for CLIP). [B, 77]"""
-    return tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-
-
-def encode_text(text_encoder: CLIPTextModel, input_ids: torch.Tensor) -> torch.Tensor:
-    """The last hidden state SD conditions on. [B, 77, D]"""
-    return text_encoder(input_ids)[0]

@@ -13,7 +13,7 @@ from sdtune import DreamBoothConfig, DreamBoothMethod, LoRAMethod, TextualInvers
 from sdtune.checkpoint import list_checkpoints
 from sdtune.export import split_embedding_bundle
 from sdtune.loop import Trainer
-from sdtune.models import encode_text, tokenize
+from sdtune.conditioning import SDConditioning
 
 
 def _train(config, method_cls):
@@ -49,7 +49,7 @@ def _unet_output(unet) -> torch.Tensor:
 
 @torch.no_grad()
 def _text_output(tokenizer, text_encoder, prompt: str) -> torch.Tensor:
-    return encode_text(text_encoder, tokenize(tokenizer, [prompt]))
+    return SDConditioning().encode([text_encoder], [tokenizer], [prompt], "cpu")["encoder_hidden_states"]
 
 
 @pytest.mark.parametrize("pivotal", [False, True], ids=["lora", "pivotal"])

@@ -302,12 +302,14 @@ def test_text_embedding_cache_encodes_each_caption_once():
 
     def encode(captions):
         calls.append(list(captions))
-        return torch.stack([torch.full((2,), float(len(c))) for c in captions])
+        lengths = torch.tensor([float(len(c)) for c in captions])
+        return {"hidden": lengths[:, None].repeat(1, 2), "pooled": -lengths}  # e.g. SDXL's two outputs
 
     cache = TextEmbeddingCache(encode)
     cache.prefill(["a", "bb", "a"])
     out = cache(["bb", "a", "ccc", "ccc"])
-    assert out[:, 0].tolist() == [2.0, 1.0, 3.0, 3.0]
+    assert out["hidden"][:, 0].tolist() == [2.0, 1.0, 3.0, 3.0]
+    assert out["pooled"].tolist() == [-2.0, -1.0, -3.0, -3.0]
     assert calls == [["a", "bb"], ["ccc"]]
     cache(["ccc", "a"])
     assert len(calls) == 2

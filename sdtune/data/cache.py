@@ -111,28 +111,31 @@ def _pixels(sample: Sample, flip: bool) -> torch.Tensor:
 
 
 class TextEmbeddingCache:
-    """Caption → text-encoder output, for a frozen text encoder.
+    """Caption → text-encoder outputs (a dict of tensors, e.g. SDXL's hidden states and pooled embedding), for frozen encoders.
 
     Captions seen at start are encoded once up front; new strings (shuffled tags) are encoded
     on first use and kept, up to ``max_entries``.
     """
 
     def __init__(self, encode_fn, max_entries: int = 4096):
-        self.encode_fn = encode_fn
+        self.encode_fn = encode_fn  # list of captions -> {name: [B, ...]}
         self.max_entries = max_entries
-        self.entries: dict[str, torch.Tensor] = {}
+        self.entries: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _encode_rows(self, captions: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        encoded = self.encode_fn(captions)
+        return {caption: {name: tensor[i] for name, tensor in encoded.items()} for i, caption in enumerate(captions)}
 
     def prefill(self, captions: list[str], batch_size: int = 32) -> None:
         todo = sorted(set(captions) - self.entries.keys())
         for begin in range(0, len(todo), batch_size):
-            chunk = todo[begin : begin + batch_size]
-            for caption, embedding in zip(chunk, self.encode_fn(chunk)):
-                self.entries[caption] = embedding
+            self.entries.update(self._encode_rows(todo[begin : begin + batch_size]))
 
-    def __call__(self, captions: list[str]) -> torch.Tensor:
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
         missing = [c for c in dict.fromkeys(captions) if c not in self.entries]
-        fresh = dict(zip(missing, self.encode_fn(missing))) if missing else {}
-        for caption, embedding in fresh.items():
+        fresh = self._encode_rows(missing) if missing else {}
+        for caption, rows in fresh.items():
             if len(self.entries) < self.max_entries:
-                self.entries[caption] = embedding
-        return torch.stack([self.entries[c] if c in self.entries else fresh[c] for c in captions])
+                self.entries[caption] = rows
+        rows = [self.entries[c] if c in self.entries else fresh[c] for c in captions]
+        return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}

@@ -11,6 +11,7 @@ from typing import Iterator
 
 import torch
 
+from sdtune.conditioning import size_conditioning
 from sdtune.data.captions import augment_caption
 from sdtune.data.images import BadImage, Placement, choose_bucket, make_buckets, open_rgb, place, to_tensor
 from sdtune.data.sources import ImageRecord
@@ -125,6 +126,8 @@ class TrainDataset(torch.utils.data.Dataset):
         example = {
             "caption": augment_caption(caption, rng, **self.caption_options),
             "loss_weight": torch.tensor(sample.loss_weight, dtype=torch.float32),
+            # SDXL's add_time_ids: a function of the placement and flip, which also key the cached latents
+            "time_ids": size_conditioning(sample.placement, flip),
         }
         if self.latents is not None:
             example["latent_mean"], example["latent_std"] = self.latents.get(sample, flip)

@@ -68,10 +68,14 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 @dataclass(frozen=True)
 class Placement:
-    """How an image maps to its training tensor: resize to ``resized`` then crop ``crop`` (left, top, w, h)."""
+    """How an image maps to its training tensor: resize to ``resized`` then crop ``crop`` (left, top, w, h).
+
+    ``original`` is the image's own (w, h), which SDXL is conditioned on.
+    """
 
     resized: tuple[int, int]
     crop: tuple[int, int, int, int]
+    original: tuple[int, int] = (0, 0)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -121,7 +125,7 @@ def place(size: tuple[int, int], target: tuple[int, int], *, center_crop: bool, 
         left, top = (resized[0] - target_w) // 2, (resized[1] - target_h) // 2
     else:
         left, top = rng.randint(0, resized[0] - target_w), rng.randint(0, resized[1] - target_h)
-    return Placement(resized=resized, crop=(left, top, target_w, target_h))
+    return Placement(resized=resized, crop=(left, top, target_w, target_h), original=(width, height))
 
 
 def to_tensor(image: Image.Image, placement: Placement, flip: bool) -> torch.Tensor:
