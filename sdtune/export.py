@@ -166,9 +166,12 @@ def save_precision_dtype(name: str) -> torch.dtype:
 LEARNED_EMBEDS_FILE = "learned_embeds.safetensors"
 
 
-def save_learned_embeds(output_dir: str | Path, token: str, vectors: torch.Tensor) -> Path:
+LEARNED_EMBEDS_FILE_2 = "learned_embeds_2.safetensors"  # SDXL's second text encoder
+
+
+def save_learned_embeds(output_dir: str | Path, token: str, vectors: torch.Tensor, filename: str = LEARNED_EMBEDS_FILE) -> Path:
     """diffusers' textual-inversion file: ``{token: [num_vectors, dim]}`` (``pipe.load_textual_inversion(path)``)."""
-    return atomic_save_file({token: vectors}, Path(output_dir) / LEARNED_EMBEDS_FILE)
+    return atomic_save_file({token: vectors}, Path(output_dir) / filename)
 
 
 def a1111_embedding_name(token: str) -> str:

@@ -51,7 +51,7 @@ def test_only_the_new_rows_change(ti_config, tiny_model):
     base = load_components(str(tiny_model))
     trainer, result = _train(ti_config, TextualInversionMethod(ti_config))
     c = trainer.components
-    new_ids = trainer.method.embeddings.token_ids
+    new_ids = trainer.method.embeddings.token_ids[0]
     assert c.tokenizer.convert_ids_to_tokens(new_ids) == [TOKEN, f"{TOKEN}_1", f"{TOKEN}_2"]
     trained = c.text_encoder.get_input_embeddings().weight.detach()
     original = base.text_encoder.get_input_embeddings().weight
@@ -163,7 +163,7 @@ def test_pivotal_embeddings_stop_learning_after_the_fraction(pivotal_config, set
 
     def record(components):
         original(components)
-        snapshots.append(trainer.method.embeddings.vectors(components.text_encoder))
+        snapshots.append(trainer.method.embeddings.vectors(components)[0])
 
     trainer.method.after_step = record
     trainer.train()

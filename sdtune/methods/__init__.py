@@ -63,3 +63,11 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside a DDP / torch.compile wrapper."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
+
+
+def text_encoder_learning_rates(config, components: Components) -> dict[str, float]:
+    """Learning rate of each text encoder, by pipeline name: --text_encoder_lr (default --learning_rate),
+    and for SDXL's second encoder --text_encoder_2_lr (default --text_encoder_lr)."""
+    first = config.text_encoder_lr if config.text_encoder_lr is not None else config.learning_rate
+    second = config.text_encoder_2_lr if config.text_encoder_2_lr is not None else first
+    return dict(zip(components.conditioning.encoder_names, (first, second)))

@@ -17,7 +17,7 @@ from diffusers.training_utils import EMAModel
 
 from sdtune.config import DreamBoothConfig
 from sdtune.export import add_text_model_level_to_saved_text_encoder, save_precision_dtype, save_tokenizer_vocab_files
-from sdtune.methods import trainable_parameters, unwrap_model
+from sdtune.methods import text_encoder_learning_rates, trainable_parameters, unwrap_model
 from sdtune.models import Components
 
 SINGLE_FILE_NAME = "model.safetensors"
@@ -43,16 +43,21 @@ class DreamBoothMethod:
         return caption
 
     def stopped_param_groups(self, step: int) -> set[int]:
-        return {1} if self.config.train_text_encoder and not self.text_encoder_trains_at(step) else set()
+        # groups: unet, then one per text encoder (SDXL has two)
+        if self.config.train_text_encoder and not self.text_encoder_trains_at(step):
+            return set(range(1, self._num_groups))
+        return set()
 
     def prepare(self, components: Components) -> list[dict]:
         # Trained weights are fp32 masters whatever the mixed precision; frozen parts keep the weight dtype.
         components.unet.to(torch.float32).requires_grad_(True).train()
         groups = [{"params": trainable_parameters(components.unet), "lr": self.config.learning_rate}]
         if self.config.train_text_encoder:
-            components.text_encoder.to(torch.float32).requires_grad_(True).train()
-            lr = self.config.text_encoder_lr if self.config.text_encoder_lr is not None else self.config.learning_rate
-            groups.append({"params": trainable_parameters(components.text_encoder), "lr": lr})
+            for name, lr in text_encoder_learning_rates(self.config, components).items():
+                text_encoder = getattr(components, name)
+                text_encoder.to(torch.float32).requires_grad_(True).train()
+                groups.append({"params": trainable_parameters(text_encoder), "lr": lr})
+        self._num_groups = len(groups)
         if self.config.use_ema:
             unet = components.unet
             self.ema = EMAModel(unet.parameters(), decay=self.config.ema_decay, model_cls=UNet2DConditionModel,
@@ -61,26 +66,27 @@ class DreamBoothMethod:
         return groups
 
     def trained_models(self, components: Components) -> list[torch.nn.Module]:
-        return [components.unet, components.text_encoder] if self.config.train_text_encoder else [components.unet]
+        return [components.unet, *components.text_encoders] if self.config.train_text_encoder else [components.unet]
+
+    def _trained_parts(self, components: Components) -> dict[str, torch.nn.Module]:
+        """The trained modules by pipeline name (the checkpoint's key prefixes and folders)."""
+        names = ("unet", *components.conditioning.encoder_names) if self.config.train_text_encoder else ("unet",)
+        return {name: unwrap_model(getattr(components, name)) for name in names}
 
     def after_step(self, components: Components) -> None:
         if self.ema is not None:
             self.ema.step(unwrap_model(components.unet).parameters())
 
     def state_dict(self, components: Components) -> dict[str, torch.Tensor]:
-        state = {f"unet.{k}": v for k, v in unwrap_model(components.unet).state_dict().items()}
-        if self.config.train_text_encoder:
-            state.update({f"text_encoder.{k}": v for k, v in unwrap_model(components.text_encoder).state_dict().items()})
+        state = {f"{name}.{k}": v for name, model in self._trained_parts(components).items() for k, v in model.state_dict().items()}
         if self.ema is not None:
             state.update({f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)})
             state["ema.optimization_step"] = torch.tensor(self.ema.optimization_step)
         return state
 
     def load_state_dict(self, components: Components, state_dict: dict[str, torch.Tensor]) -> None:
-        for prefix, model in (("unet.", components.unet), ("text_encoder.", components.text_encoder)):
-            part = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-            if part:
-                unwrap_model(model).load_state_dict(part)
+        for name, model in self._trained_parts(components).items():
+            model.load_state_dict({k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(f"{name}.")})
         if self.ema is not None:
             for i, shadow in enumerate(self.ema.shadow_params):
                 shadow.copy_(state_dict[f"ema.{i}"])
@@ -94,18 +100,22 @@ class DreamBoothMethod:
         made on copies, so the trained weights stay as they are.
         """
         output_dir = Path(output_dir)
+        names = components.conditioning.encoder_names
         with self._exported_unet(components) as unet:
-            text_encoder, vae = _fp32(unwrap_model(components.text_encoder)), _fp32(components.vae)
-            pipe = dataclasses.replace(components, unet=unet, text_encoder=text_encoder, vae=vae).pipeline()
+            text_encoders = {name: _fp32(unwrap_model(getattr(components, name))) for name in names}
+            vae = _fp32(components.vae)
+            pipe = dataclasses.replace(components, unet=unet, vae=vae, **text_encoders).pipeline()
             pipe.save_pretrained(output_dir, safe_serialization=True)
             # the layouts transformers 4 (and other tools) read, whichever transformers wrote the folder
-            save_tokenizer_vocab_files(output_dir / "tokenizer")
-            add_text_model_level_to_saved_text_encoder(output_dir / "text_encoder")
+            for name in names:
+                save_tokenizer_vocab_files(output_dir / name.replace("text_encoder", "tokenizer"))
+                add_text_model_level_to_saved_text_encoder(output_dir / name)
             outputs = {"pipeline": output_dir / "model_index.json"}
             if self.config.save_single_file:
                 from sdtune.single_file import save_single_file
 
-                outputs["single_file"] = save_single_file(output_dir / SINGLE_FILE_NAME, unet, vae, text_encoder,
+                outputs["single_file"] = save_single_file(output_dir / SINGLE_FILE_NAME, unet, vae, text_encoders["text_encoder"],
+                                                          text_encoder_2=text_encoders.get("text_encoder_2"),
                                                           dtype=save_precision_dtype(self.config.save_precision),
                                                           carry_from=components.source_file)
         return outputs
@@ -119,10 +129,11 @@ class DreamBoothMethod:
         with self._exported_unet(components) as unet:
             unet.save_pretrained(folder / "unet", safe_serialization=True)
         outputs = {"unet": folder / "unet"}
-        if self.config.train_text_encoder:
-            unwrap_model(components.text_encoder).save_pretrained(folder / "text_encoder", safe_serialization=True)
-            add_text_model_level_to_saved_text_encoder(folder / "text_encoder")
-            outputs["text_encoder"] = folder / "text_encoder"
+        for name, model in self._trained_parts(components).items():
+            if name != "unet":
+                model.save_pretrained(folder / name, safe_serialization=True)
+                add_text_model_level_to_saved_text_encoder(folder / name)
+                outputs[name] = folder / name
         return outputs
 
     @contextmanager

@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 
 from sdtune.config import TextualInversionConfig
-from sdtune.export import save_a1111_embedding, save_learned_embeds
-from sdtune.methods.embeddings import NewTokenEmbeddings
+from sdtune.methods.embeddings import NewTokenEmbeddings, save_embedding_files
 from sdtune.models import Components
 
 # Captions for images without one. {} is the placeholder token.
@@ -58,28 +57,25 @@ class TextualInversionMethod:
         return self.embeddings.expand(caption)
 
     def prepare(self, components: Components) -> list[dict]:
-        components.text_encoder.train()  # gradient checkpointing acts only in train mode
-        weight = self.embeddings.add_to(components)
-        return [{"params": [weight], "lr": self.config.learning_rate}]
+        for text_encoder in components.text_encoders:
+            text_encoder.train()  # gradient checkpointing acts only in train mode
+        weights = self.embeddings.add_to(components)  # SDXL: one embedding per text encoder
+        return [{"params": weights, "lr": self.config.learning_rate}]
 
     def trained_models(self, components: Components) -> list[torch.nn.Module]:
-        return [components.text_encoder]
+        return components.text_encoders
 
     def after_step(self, components: Components) -> None:
-        self.embeddings.restore_frozen_rows(components.text_encoder)
+        self.embeddings.restore_frozen_rows(components)
 
     def state_dict(self, components: Components) -> dict[str, torch.Tensor]:
-        return {"embeddings": self.embeddings.vectors(components.text_encoder)}
+        return self.embeddings.state_dict(components, "embeddings")
 
     def load_state_dict(self, components: Components, state_dict: dict[str, torch.Tensor]) -> None:
-        self.embeddings.load_vectors(components.text_encoder, state_dict["embeddings"])
+        self.embeddings.load_state_dict(components, state_dict, "embeddings")
 
     def export(self, components: Components, output_dir: Path) -> dict[str, Path]:
-        vectors = self.embeddings.vectors(components.text_encoder)
-        outputs = {
-            "diffusers": save_learned_embeds(output_dir, self.config.placeholder_token, vectors),
-            "a1111": save_a1111_embedding(output_dir, self.config.placeholder_token, vectors),
-        }
+        outputs = self.export_checkpoint(components, output_dir)
         if self.config.save_as_full_pipeline:  # the tokenizer and text encoder already hold the new token
             components.pipeline().save_pretrained(output_dir, safe_serialization=True)
             outputs["pipeline"] = output_dir / "model_index.json"
@@ -87,6 +83,4 @@ class TextualInversionMethod:
 
     def export_checkpoint(self, components: Components, folder: Path) -> dict[str, Path]:
         """The embedding files (not the full pipeline): they read the vectors and change nothing."""
-        vectors = self.embeddings.vectors(components.text_encoder)
-        return {"diffusers": save_learned_embeds(folder, self.config.placeholder_token, vectors),
-                "a1111": save_a1111_embedding(folder, self.config.placeholder_token, vectors)}
+        return save_embedding_files(folder, self.config.placeholder_token, self.embeddings.vectors(components))
