@@ -44,6 +44,9 @@ class GenerateConfig:
     output_dir: str = option("samples", "Where the PNGs (with their settings in the metadata) and the grid go.")
     grid: bool = option(True, "Also write a contact sheet grid.png.")
     mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "Precision on GPU (CPU always runs fp32).")
+    pretrained_vae_model_name_or_path: str | None = option(None, "A VAE to use instead of the model's (Hub id, folder or .safetensors).")
+    refiner: str | None = option(None, "SDXL: a refiner (Hub id, folder or .safetensors) that finishes the last denoising steps.")
+    refiner_start: float = option(0.8, "SDXL with --refiner: the fraction of denoising the base does before the refiner takes over.")
 
     method: typing.ClassVar[str] = "generate"
 
@@ -55,6 +58,8 @@ class GenerateConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength must be between 0 and 1, got {self.strength}")
+        if not 0.0 < self.refiner_start < 1.0:
+            raise ValueError(f"refiner_start must be between 0 and 1, got {self.refiner_start}")
         for name in ("height", "width"):
             if getattr(self, name) is not None and getattr(self, name) % 8:
                 raise ValueError(f"{name} must be a multiple of 8, got {getattr(self, name)}")

@@ -398,7 +398,8 @@ class Trainer:
             outputs = self.method.export(self.components, self.output_dir)
             outputs["config"] = self.output_dir / CONFIG_FILE
             samples = sorted((self.output_dir / "validation").glob(f"step{self.state.global_step:06d}-*.png"))
-            outputs["model_card"] = write_training_card(self.output_dir, config, self.method.card_type, samples)
+            outputs["model_card"] = write_training_card(self.output_dir, config, self.method.card_type, samples,
+                                                           type(self.components.pipeline()).__name__)
             follow_umask(self.output_dir)  # safetensors writes 0600 files
             logger.info("wrote %s", ", ".join(str(p) for p in outputs.values()))
         self.accelerator.wait_for_everyone()

@@ -16,7 +16,8 @@ METHOD_TAGS = {"lora": "lora", "dreambooth": "dreambooth", "textual-inversion": 
 BASE_TAGS = ["stable-diffusion", "text-to-image", "diffusers"]
 SECRET_KEY_PARTS = ("token", "secret", "password", "key")
 # Files diffusers loads itself; any other top-level .safetensors is for AUTOMATIC1111/ComfyUI.
-DIFFUSERS_FILES = {"pytorch_lora_weights.safetensors", "learned_embeds.safetensors"}
+DIFFUSERS_FILES = {"pytorch_lora_weights.safetensors", "learned_embeds.safetensors", "learned_embeds_2.safetensors"}
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
 UI_FOLDERS = {
     "lora": "models/Lora",
     "dreambooth": "models/Stable-diffusion (ComfyUI: models/checkpoints)",
@@ -54,6 +55,7 @@ def write_model_card(
     sample_images: list[Path] | None,
     repo_id: str | None = None,
     license: str = "creativeml-openrail-m",
+    pipeline_class: str = "StableDiffusionPipeline",
 ) -> Path:
     """Write ``README.md`` in ``output_dir``: Hub metadata (YAML) and a body on how to use the result.
 
@@ -67,6 +69,7 @@ def write_model_card(
         sample_images: Images to show; ones outside ``output_dir`` are copied to ``output_dir/images``.
         repo_id: The Hub repository the folder will be pushed to (used in the code snippet).
         license: The license id of the weights (the base model's license usually carries over).
+        pipeline_class: The diffusers pipeline of the base model's family (``StableDiffusionXLPipeline`` for SDXL).
 
     Returns:
         The path of the written README.md.
@@ -83,14 +86,15 @@ def write_model_card(
     on_hub = bool(_HUB_ID.fullmatch(base_model)) and not Path(base_model).exists()
     data = ModelCardData(
         base_model=base_model if on_hub else None,
-        tags=[*BASE_TAGS, METHOD_TAGS[method], "sdtune"],
+        tags=[*BASE_TAGS, *(["stable-diffusion-xl"] if pipeline_class == SDXL_PIPELINE else []), METHOD_TAGS[method], "sdtune"],
         license=license,
         library_name="diffusers",
         pipeline_tag="text-to-image",
         instance_prompt=instance_prompt,
         widget=[{"text": instance_prompt or "", "output": {"url": image}} for image in images] or None,
     )
-    body = _body(output_dir, method, base_model, instance_prompt, trigger_words or [], training_settings, images, repo_id)
+    body = _body(output_dir, method, base_model, instance_prompt, trigger_words or [], training_settings, images, repo_id,
+                 pipeline_class)
     path = output_dir / "README.md"
     ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").save(path)
     return path
@@ -112,16 +116,21 @@ def _image_in(output_dir: Path, image: Path) -> str:
         return target.relative_to(output_dir).as_posix()
 
 
-def _snippet(method: str, source: str, prompt: str, base_model: str) -> str:
+def _snippet(method: str, source: str, prompt: str, base_model: str, pipeline_class: str) -> str:
     source, prompt, base_model = json.dumps(source), json.dumps(prompt), json.dumps(base_model)  # quoted, escaped
-    pipeline = "pipe = StableDiffusionPipeline.from_pretrained({}, torch_dtype=dtype).to(device)"
+    pipeline = f"pipe = {pipeline_class}.from_pretrained({{}}, torch_dtype=dtype).to(device)"
+    embeddings = f"pipe.load_textual_inversion({source})"
+    if pipeline_class == SDXL_PIPELINE:  # one file per text encoder, as diffusers' SDXL textual-inversion script writes
+        embeddings = (f"pipe.load_textual_inversion({source}, weight_name=\"learned_embeds.safetensors\")\n"
+                      f"pipe.load_textual_inversion({source}, weight_name=\"learned_embeds_2.safetensors\", "
+                      "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)")
     load = {
         "lora": f"{pipeline.format(base_model)}\npipe.load_lora_weights({source})",
         "dreambooth": pipeline.format(source),
-        "textual-inversion": f"{pipeline.format(base_model)}\npipe.load_textual_inversion({source})",
+        "textual-inversion": f"{pipeline.format(base_model)}\n{embeddings}",
     }[method]
     return (
-        "```python\nimport torch\nfrom diffusers import StableDiffusionPipeline\n\n"
+        f"```python\nimport torch\nfrom diffusers import {pipeline_class}\n\n"
         "device = \"cuda\" if torch.cuda.is_available() else \"mps\" if torch.backends.mps.is_available() else \"cpu\"\n"
         "dtype = torch.float32 if device == \"cpu\" else torch.float16  # fp16 is slow or unsupported on CPUs\n"
         f"{load}\nimage = pipe({prompt}).images[0]\nimage.save(\"sample.png\")\n```"
@@ -134,7 +143,7 @@ def _cell(value: Any) -> str:
 
 def _body(
     output_dir: Path, method: str, base_model: str, instance_prompt: str | None, trigger_words: list[str],
-    settings: dict[str, Any], images: list[str], repo_id: str | None,
+    settings: dict[str, Any], images: list[str], repo_id: str | None, pipeline_class: str,
 ) -> str:
     what = {
         "lora": "LoRA adapter weights",
@@ -150,7 +159,7 @@ def _body(
         lines += ["## Trigger words", "", "Use these in your prompt: " + ", ".join(f"`{w}`" for w in trigger_words), ""]
     if images:
         lines += ["## Samples", "", *[f"![sample {i}]({image})" for i, image in enumerate(images, 1)], ""]
-    lines += ["## Use with diffusers", "", _snippet(method, repo_id or str(output_dir), prompt, base_model), ""]
+    lines += ["## Use with diffusers", "", _snippet(method, repo_id or str(output_dir), prompt, base_model, pipeline_class), ""]
     ui_files = sorted(p.name for p in output_dir.glob("*.safetensors") if p.name not in DIFFUSERS_FILES)
     if ui_files:
         lines += ["## Use in AUTOMATIC1111 / ComfyUI", ""]
@@ -162,11 +171,13 @@ def _body(
     return "\n".join(lines)
 
 
-def write_training_card(output_dir: str | Path, config: Any, card_type: str, sample_images: list[Path]) -> Path:
+def write_training_card(output_dir: str | Path, config: Any, card_type: str, sample_images: list[Path],
+                        pipeline_class: str = "StableDiffusionPipeline") -> Path:
     """The card of a training run, from its config (secrets are dropped by `public_settings`)."""
     return write_model_card(
         output_dir, method=card_type, base_model=str(config.pretrained_model_name_or_path),
         instance_prompt=config.instance_prompt,
         trigger_words=[config.placeholder_token] if config.placeholder_token else None,
         training_settings=config.to_dict(), sample_images=sample_images, repo_id=config.hub_model_id,
+        pipeline_class=pipeline_class,
     )

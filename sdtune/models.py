@@ -99,14 +99,14 @@ def load_components(
         ModelLoadError: the model cannot be found, or only pickle weights exist and ``allow_pickle`` is off.
     """
     source = str(pretrained_model_name_or_path)
-    with _one_line_load_errors("--pretrained_model_name_or_path", source,
+    with one_line_load_errors("--pretrained_model_name_or_path", source,
                                "pass a diffusers folder, a Hub id or a .safetensors checkpoint"):
         if Path(source).is_file():
             parts = _load_single_file(source, single_file_config, allow_pickle)
         else:
             parts = _load_diffusers_layout(source, revision, variant, allow_pickle)
     if vae_name_or_path:
-        with _one_line_load_errors("--pretrained_vae_model_name_or_path", vae_name_or_path,
+        with one_line_load_errors("--pretrained_vae_model_name_or_path", vae_name_or_path,
                                    "pass a diffusers VAE folder (with config.json), a Hub id or a .safetensors VAE file"):
             parts["vae"] = _load_vae(vae_name_or_path, revision, allow_pickle)
     if tokenizer_name:
@@ -137,7 +137,7 @@ def load_components(
 
 
 @contextmanager
-def _one_line_load_errors(option: str, source: str, advice: str):
+def one_line_load_errors(option: str, source: str, advice: str):
     """A missing or unreadable model as one line naming the option, not a loader traceback."""
     if _looks_like_local_path(source) and not Path(source).exists():
         raise ModelLoadError(f"{option} {source}: no such file or folder")

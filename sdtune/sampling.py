@@ -135,11 +135,13 @@ def run_generate(config) -> list[Path]:
     components = load_components(
         config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant,
         single_file_config=config.single_file_config, allow_pickle=config.allow_pickle, weight_dtype=dtype,
+        vae_name_or_path=config.pretrained_vae_model_name_or_path,
     )
     pipe = components.pipeline(scheduler=make_scheduler(config.scheduler, components.noise_scheduler.config))
     pipe.to("cuda" if cuda else "cpu")
     _add_lora(pipe, config)
     _add_embeddings(pipe, config)
+    refiner = _load_refiner(pipe, config, dtype) if config.refiner else None
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     size = (config.width or native, config.height or native)
     init = _init_image(config, size)
@@ -152,7 +154,7 @@ def run_generate(config) -> list[Path]:
             if init is not None and config.strength == 0:
                 image = init.copy()  # nothing to denoise: strength 0 keeps the init image
             else:
-                image = _one_image(pipe, prompt, config, seed, size, init)
+                image = _one_image(pipe, prompt, config, seed, size, init, refiner)
             info = PngImagePlugin.PngInfo()
             info.add_text("parameters", png_parameters(prompt, config, seed, size))
             path = out / f"{p:03d}-{i:02d}-seed{seed}.png"
@@ -164,17 +166,41 @@ def run_generate(config) -> list[Path]:
     return paths
 
 
-def _one_image(pipe, prompt: str, config, seed: int, size: tuple[int, int], init) -> Image.Image:
+def _one_image(pipe, prompt: str, config, seed: int, size: tuple[int, int], init, refiner=None) -> Image.Image:
     generator = torch.Generator().manual_seed(seed)
     common = dict(negative_prompt=config.negative_prompt, num_inference_steps=config.num_inference_steps,
                   guidance_scale=config.guidance_scale)
+    if refiner is not None:  # SDXL's ensemble of experts: the base denoises the first part, the refiner the rest
+        latents = pipe(prompt, height=size[1], width=size[0], denoising_end=config.refiner_start, output_type="latent",
+                       generator=generator, **common).images
+        return refiner(prompt, image=latents, denoising_start=config.refiner_start, generator=generator, **common).images[0]
     if init is None:  # the function validation images come from, too
         return generate(pipe, [prompt], [generator], size=size, **common)[0]
-    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers import AutoPipelineForImage2Image
 
-    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img = AutoPipelineForImage2Image.from_pipe(pipe)  # the family's img2img pipeline over the same modules
     img2img.set_progress_bar_config(disable=True)
     return img2img(prompt, image=init, strength=config.strength, generator=generator, **common).images[0]
+
+
+def _load_refiner(pipe, config, dtype: torch.dtype):
+    """An SDXL refiner sharing the base's VAE and second text encoder (the refiner's only one), as diffusers documents."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from sdtune.errors import ConfigError
+    from sdtune.models import one_line_load_errors
+
+    if not hasattr(pipe, "text_encoder_2"):
+        raise ConfigError(f"--refiner is for SDXL; {config.pretrained_model_name_or_path} is not an SDXL model")
+    shared = dict(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2, vae=pipe.vae, torch_dtype=dtype)
+    with one_line_load_errors("--refiner", config.refiner, "pass an SDXL refiner folder, Hub id or .safetensors file"):
+        if Path(config.refiner).is_file():
+            refiner = StableDiffusionXLImg2ImgPipeline.from_single_file(config.refiner, **shared)
+        else:
+            refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(config.refiner, **shared)
+    refiner.scheduler = make_scheduler(config.scheduler, refiner.scheduler.config)
+    refiner.set_progress_bar_config(disable=True)
+    return refiner.to(pipe.device)
 
 
 def make_grid(images: list[Image.Image], columns: int) -> Image.Image:
@@ -237,7 +263,7 @@ def _load_lora_file(pipe, path: Path) -> None:
         tokens = json.loads((f.metadata() or {}).get(BUNDLE_TOKENS_METADATA, "{}"))
     pipe.load_lora_weights(lora, adapter_name="lora")
     for name, vectors in bundles.items():
-        pipe.load_textual_inversion(vectors, token=tokens.get(name, name))
+        _load_token_vectors(pipe, vectors, tokens.get(name, name))
 
 
 @contextmanager
@@ -273,27 +299,72 @@ def _one_line_on_mismatch(what: str, config):
 def _add_embeddings(pipe, config) -> None:
     if not config.embedding:
         return
+    for item in (e.strip() for e in config.embedding.split(",") if e.strip()):
+        token, vectors = _read_embedding(item)
+        _check_embedding_widths(pipe, vectors, item, config)
+        with _one_line_on_mismatch(f"--embedding {item}", config):
+            _load_token_vectors(pipe, vectors, token)
+
+
+def _read_embedding(item: str):
+    """(token, vectors) of an embedding file or folder; vectors are one tensor, or SDXL's {"clip_l", "clip_g"}.
+
+    diffusers files are ``{token: vectors}`` (SDXL: ``learned_embeds.safetensors`` + ``learned_embeds_2.safetensors``
+    in a folder); A1111/ComfyUI files are ``emb_params`` or ``clip_l``/``clip_g``, named by the file.
+    """
     from safetensors import safe_open
 
     from sdtune.errors import ConfigError
-    from sdtune.export import LEARNED_EMBEDS_FILE
+    from sdtune.export import LEARNED_EMBEDS_FILE, LEARNED_EMBEDS_FILE_2
 
-    for item in (e.strip() for e in config.embedding.split(",") if e.strip()):
-        path = Path(item)
-        if path.is_dir():
-            path = path / LEARNED_EMBEDS_FILE
-        if not path.is_file():
-            raise ConfigError(f"--embedding {item}: no such file (pass a learned_embeds.safetensors, an A1111 embedding or their folder)")
-        with safe_open(str(path), "pt") as f:
-            token = None if list(f.keys()) != ["emb_params"] else (f.metadata() or {}).get("token", path.stem)
-            widths = {f.get_slice(key).get_shape()[-1] for key in f.keys()}
-        width = pipe.text_encoder.config.hidden_size
-        if widths - {width}:
+    path = Path(item)
+    folder = path if path.is_dir() else None
+    if folder is not None:
+        path = folder / LEARNED_EMBEDS_FILE
+    if not path.is_file():
+        raise ConfigError(f"--embedding {item}: no such file (pass a learned_embeds.safetensors, an A1111 embedding or their folder)")
+    with safe_open(str(path), "pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        token = (f.metadata() or {}).get("token", path.stem)
+    if set(tensors) == {"emb_params"}:
+        return token, tensors["emb_params"]
+    if set(tensors) == {"clip_l", "clip_g"}:
+        return token, tensors
+    if len(tensors) != 1:
+        raise ConfigError(f"--embedding {item}: not an embedding file (keys {', '.join(sorted(tensors))[:80]})")
+    (token, vectors), = tensors.items()
+    second = folder / LEARNED_EMBEDS_FILE_2 if folder is not None else None
+    if second is not None and second.is_file():
+        with safe_open(str(second), "pt") as f:
+            vectors = {"clip_l": vectors, "clip_g": f.get_tensor(token)}
+    return token, vectors
+
+
+def _check_embedding_widths(pipe, vectors, item: str, config) -> None:
+    from sdtune.errors import ConfigError
+
+    sdxl = hasattr(pipe, "text_encoder_2")
+    if isinstance(vectors, dict) != sdxl:
+        kind = "an SDXL embedding (clip_l + clip_g)" if isinstance(vectors, dict) else "an SD 1.x/2.x embedding (one text encoder)"
+        raise ConfigError(f"--embedding {item} is {kind}, which does not fit the base model "
+                          f"{config.pretrained_model_name_or_path}; it was trained on another model family")
+    ours = {"clip_l": pipe.text_encoder, "clip_g": pipe.text_encoder_2} if sdxl else {"emb_params": pipe.text_encoder}
+    theirs = vectors if sdxl else {"emb_params": vectors}
+    for key, encoder in ours.items():
+        width, their_width = encoder.config.hidden_size, theirs[key].shape[-1]
+        if width != their_width:
             raise ConfigError(f"--embedding {item} does not fit the base model {config.pretrained_model_name_or_path}: "
-                              f"its vectors are {max(widths - {width})} wide, the text encoder's {width} "
-                              "(SD 1.x: 768, SD 2.x: 1024); it was trained on another base model")
-        with _one_line_on_mismatch(f"--embedding {item}", config):
-            pipe.load_textual_inversion(str(path), token=token)  # A1111 files: the token is the file's name
+                              f"its vectors are {their_width} wide, the text encoder's {width} "
+                              "(SD 1.x: 768, SD 2.x: 1024, SDXL: 768 + 1280); it was trained on another base model")
+
+
+def _load_token_vectors(pipe, vectors, token: str) -> None:
+    """Add ``token`` with its vectors to the pipeline: to both text encoders for SDXL's {"clip_l", "clip_g"}."""
+    if isinstance(vectors, dict):
+        pipe.load_textual_inversion(vectors["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(vectors["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    else:
+        pipe.load_textual_inversion(vectors, token=token)
 
 
 def _init_image(config, size: tuple[int, int]):
