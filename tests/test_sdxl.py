@@ -1,0 +1,278 @@
+"""SDXL: the family is detected, the UNet gets diffusers' SDXL conditioning, and every method's exports load.
+
+All on a tiny SDXL (tests/conftest.py: two text encoders, text_time added conditioning) built offline.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from PIL import Image
+from safetensors import safe_open
+
+from sdtune import DreamBoothConfig, LoRAConfig, TextualInversionConfig, train_dreambooth, train_lora, train_textual_inversion
+from sdtune.conditioning import SDConditioning, SDXLConditioning, size_conditioning
+from sdtune.data.images import place
+from sdtune.loop import Trainer
+from sdtune.methods.lora import LoRAMethod
+from sdtune.models import load_components
+
+PROMPT = "a red circle on a white background"
+
+
+@pytest.fixture(scope="module")
+def wide_images(tmp_path_factory):
+    """Four 96x64 images (wider than tall), so original size and crop are not the training size."""
+    folder = tmp_path_factory.mktemp("wide")
+    for i, colour in enumerate(["red", "blue", "green", "yellow"]):
+        image = Image.new("RGB", (96, 64), colour)
+        image.paste((255, 255, 255), (10 + 8 * i, 10, 40 + 8 * i, 40))
+        image.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a white square on {colour}")
+    return folder
+
+
+@pytest.fixture
+def xl_lora_config(tiny_sdxl_model, wide_images, tmp_path):
+    return LoRAConfig(
+        pretrained_model_name_or_path=str(tiny_sdxl_model), instance_data_dir=str(wide_images), output_dir=str(tmp_path / "out"),
+        resolution=64, rank=4, learning_rate=1e-2, max_train_steps=4, train_batch_size=2, checkpointing_steps=0,
+        report_to="none", seed=0, center_crop=True,
+    )
+
+
+def _image(pipe, prompt=PROMPT, seed=0):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(seed), output_type="np",
+                height=64, width=64).images[0]
+
+
+def _base(folder):
+    return StableDiffusionXLPipeline.from_pretrained(str(folder))
+
+
+# ----------------------------------------------------------------------------- family and conditioning
+
+
+def test_sdxl_is_detected_from_the_folder_and_sd_is_unchanged(tiny_sdxl_model, tiny_model):
+    xl = load_components(str(tiny_sdxl_model))
+    assert xl.is_sdxl and isinstance(xl.conditioning, SDXLConditioning)
+    assert [type(e).__name__ for e in xl.text_encoders] == ["CLIPTextModel", "CLIPTextModelWithProjection"]
+    assert xl.tokenizer_2.pad_token == "!"  # SDXL's second tokenizer pads differently
+    sd = load_components(str(tiny_model))
+    assert not sd.is_sdxl and isinstance(sd.conditioning, SDConditioning) and sd.text_encoder_2 is None
+
+
+def test_size_conditioning_is_the_true_original_size_and_crop():
+    import random
+
+    # a 300x200 image trained at 128x128: scaled to 192x128, cropped at a random left edge
+    placement = place((300, 200), (128, 128), center_crop=False, rng=random.Random(3))
+    left, top, _, _ = placement.crop
+    assert placement.resized == (192, 128) and top == 0 and 0 <= left <= 64
+    assert size_conditioning(placement, flip=False).tolist() == [200, 300, 0, left, 128, 128]
+    # flipped, the crop's left edge is measured in the mirrored image
+    assert size_conditioning(placement, flip=True).tolist() == [200, 300, 0, 192 - left - 128, 128, 128]
+
+
+def test_training_loss_uses_diffusers_sdxl_conditioning(xl_lora_config, tiny_sdxl_model, monkeypatch):
+    """The UNet sees what StableDiffusionXLPipeline would give it: encode_prompt's hidden states and pooled
+    embedding, and _get_add_time_ids of the image's real size (96x64), its centre crop (left 16) and the target."""
+    import sdtune.diffusion as diffusion
+
+    trainer = Trainer(xl_lora_config, LoRAMethod(xl_lora_config))
+    trainer.setup()
+    seen = {}
+    real_target = diffusion.training_target
+
+    def record_target(*args, **kwargs):
+        seen["target"] = real_target(*args, **kwargs)
+        return seen["target"]
+
+    def record_unet(module, args, kwargs, output):
+        seen["args"], seen["kwargs"], seen["pred"] = args, kwargs, output.sample
+
+    monkeypatch.setattr(diffusion, "training_target", record_target)
+    trainer.components.unet.register_forward_hook(record_unet, with_kwargs=True)
+    batch = next(iter(trainer.dataloader))
+    loss = trainer.training_step(batch, micro_step=0)
+    trainer.cleanup()
+
+    pipe = _base(tiny_sdxl_model)
+    prompt_embeds, _, pooled, _ = pipe.encode_prompt(batch["caption"], do_classifier_free_guidance=False)
+    time_ids = pipe._get_add_time_ids((64, 96), (0, 16), (64, 64), dtype=torch.float32,
+                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    kwargs = seen["kwargs"]
+    torch.testing.assert_close(kwargs["encoder_hidden_states"], prompt_embeds)
+    torch.testing.assert_close(kwargs["added_cond_kwargs"]["text_embeds"], pooled)
+    torch.testing.assert_close(kwargs["added_cond_kwargs"]["time_ids"], time_ids.repeat(2, 1))
+    # the same loss from diffusers' own conditioning (the LoRA starts as the identity)
+    noisy, timesteps = seen["args"][0], seen["args"][1]
+    pred = pipe.unet(noisy, timesteps, encoder_hidden_states=prompt_embeds,
+                     added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.repeat(2, 1)}).sample
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(pred, seen["target"]), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+@pytest.fixture(scope="module")
+def xl_lora_run(tiny_sdxl_model, wide_images, tmp_path_factory):
+    """A LoRA on the UNet (attention + convolutions) and on both text encoders, each with its own learning rate."""
+    config = LoRAConfig(
+        pretrained_model_name_or_path=str(tiny_sdxl_model), instance_data_dir=str(wide_images),
+        output_dir=str(tmp_path_factory.mktemp("xl-lora")), resolution=64, rank=4, learning_rate=5e-2, max_train_steps=4,
+        train_batch_size=2, checkpointing_steps=0, report_to="none", seed=0, lora_targets="all", train_text_encoder=True,
+        text_encoder_lr=1e-2, text_encoder_2_lr=2e-2, random_flip=True,
+    )
+    return train_lora(config)
+
+
+def test_text_encoder_loras_train_with_their_own_learning_rates(xl_lora_config):
+    config = dataclasses.replace(xl_lora_config, train_text_encoder=True, text_encoder_lr=1e-3, text_encoder_2_lr=3e-3)
+    trainer = Trainer(config, LoRAMethod(config))
+    trainer.setup()
+    try:
+        assert [group["lr"] for group in trainer.optimizer.param_groups] == [1e-2, 1e-3, 3e-3]
+        groups = trainer.optimizer.param_groups
+        te1 = {id(p) for p in trainer.components.text_encoder.parameters()}
+        te2 = {id(p) for p in trainer.components.text_encoder_2.parameters()}
+        assert groups[1]["params"] and all(id(p) in te1 for p in groups[1]["params"])
+        assert groups[2]["params"] and all(id(p) in te2 for p in groups[2]["params"])
+    finally:
+        trainer.cleanup()
+
+
+def test_diffusers_lora_file_loads_in_the_sdxl_pipeline_and_changes_the_image(xl_lora_run, tiny_sdxl_model):
+    base = _image(_base(tiny_sdxl_model))
+    pipe = _base(tiny_sdxl_model)
+    pipe.load_lora_weights(str(xl_lora_run.outputs["diffusers"]))
+    with safe_open(str(xl_lora_run.outputs["diffusers"]), "pt") as f:
+        prefixes = {key.split(".")[0] for key in f.keys()}
+    assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
+    assert abs(_image(pipe) - base).mean() > 1e-3
+
+
+def test_kohya_file_gives_the_same_image_as_the_diffusers_file(xl_lora_run, tiny_sdxl_model):
+    images = []
+    for kind in ("diffusers", "kohya"):
+        pipe = _base(tiny_sdxl_model)
+        pipe.load_lora_weights(str(xl_lora_run.outputs[kind]))
+        images.append(_image(pipe))
+    assert abs(images[0] - _image(_base(tiny_sdxl_model))).mean() > 1e-3
+    # the kohya file is fp16 (what the UIs expect); the diffusers file fp32
+    assert abs(images[0] - images[1]).max() < 2e-2
+    with safe_open(str(xl_lora_run.outputs["kohya"]), "pt") as f:
+        keys, metadata = list(f.keys()), f.metadata()
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    for prefix in ("lora_unet_input_blocks_", "lora_te1_text_model_", "lora_te2_text_model_"):
+        assert any(key.startswith(prefix) for key in keys), prefix
+    assert not any(key.startswith("lora_unet_down_blocks") for key in keys)  # kohya's SDXL UNet has the original names
+
+
+def test_sdtune_generate_reads_the_sdxl_lora(xl_lora_run, tiny_sdxl_model, tmp_path):
+    from sdtune.command_configs import GenerateConfig
+    from sdtune.sampling import run_generate
+
+    images = {}
+    for kind in ("diffusers", "kohya"):
+        config = GenerateConfig(pretrained_model_name_or_path=str(tiny_sdxl_model), lora=str(xl_lora_run.outputs[kind]),
+                                prompt=PROMPT, num_inference_steps=2, output_dir=str(tmp_path / kind), scheduler="euler")
+        images[kind] = torch.tensor(list(Image.open(run_generate(config)[0]).getdata()), dtype=torch.float32)
+    assert (images["diffusers"] - images["kohya"]).abs().mean() < 2.0  # 8-bit PNGs of an fp32 and an fp16 LoRA
+
+
+def test_model_card_uses_the_sdxl_pipeline(xl_lora_run):
+    text = (xl_lora_run.output_dir / "README.md").read_text()
+    assert "StableDiffusionXLPipeline.from_pretrained" in text and "stable-diffusion-xl" in text
+
+
+# ----------------------------------------------------------------------------- textual inversion and pivotal tuning
+
+
+@pytest.fixture(scope="module")
+def xl_ti_run(tiny_sdxl_model, wide_images, tmp_path_factory):
+    config = TextualInversionConfig(
+        pretrained_model_name_or_path=str(tiny_sdxl_model), instance_data_dir=str(wide_images),
+        output_dir=str(tmp_path_factory.mktemp("xl-ti")), resolution=64, learning_rate=5e-2, max_train_steps=4,
+        train_batch_size=2, checkpointing_steps=0, report_to="none", seed=0, placeholder_token="<wsq>",
+        initializer_token="square", instance_prompt="a <wsq>",
+    )
+    return train_textual_inversion(config)
+
+
+def test_textual_inversion_learns_one_embedding_per_text_encoder(xl_ti_run, tiny_sdxl_model):
+    base = _base(tiny_sdxl_model)
+    initial = {}
+    for name, tokenizer, encoder in (("clip_l", base.tokenizer, base.text_encoder),
+                                     ("clip_g", base.tokenizer_2, base.text_encoder_2)):
+        initial[name] = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("square")]
+    with safe_open(str(xl_ti_run.outputs["a1111"]), "pt") as f:
+        a1111 = {key: f.get_tensor(key) for key in f.keys()}
+    assert set(a1111) == {"clip_l", "clip_g"}
+    assert a1111["clip_l"].shape == (1, 32) and a1111["clip_g"].shape == (1, 32)
+    for name in a1111:  # each encoder's vector moved away from the initializer
+        assert (a1111[name][0] - initial[name]).abs().max() > 1e-3, name
+    assert xl_ti_run.outputs["diffusers_2"].name == "learned_embeds_2.safetensors"
+
+
+def test_textual_inversion_files_load_in_diffusers_and_in_sdtune_generate(xl_ti_run, tiny_sdxl_model, tmp_path):
+    from sdtune.command_configs import GenerateConfig
+    from sdtune.sampling import run_generate
+
+    folder = xl_ti_run.output_dir
+    pipe = _base(tiny_sdxl_model)
+    pipe.load_textual_inversion(str(folder), weight_name="learned_embeds.safetensors")
+    pipe.load_textual_inversion(str(folder), weight_name="learned_embeds_2.safetensors", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    assert abs(_image(pipe, "a <wsq>") - _image(pipe, "a square")).mean() > 1e-3
+    pngs = {}
+    for kind, embedding in (("diffusers", folder), ("a1111", xl_ti_run.outputs["a1111"])):
+        config = GenerateConfig(pretrained_model_name_or_path=str(tiny_sdxl_model), embedding=str(embedding),
+                                prompt="a <wsq>" if kind == "diffusers" else "a wsq", num_inference_steps=2,
+                                output_dir=str(tmp_path / kind), scheduler="euler")
+        pngs[kind] = list(Image.open(run_generate(config)[0]).getdata())
+    assert pngs["diffusers"] == pngs["a1111"]  # the same vectors, called by the token or by the file's name
+
+
+def test_pivotal_tuning_bundles_both_vectors_in_the_kohya_file(tiny_sdxl_model, wide_images, tmp_path):
+    from sdtune.export import split_embedding_bundle
+    from safetensors.torch import load_file
+
+    config = LoRAConfig(
+        pretrained_model_name_or_path=str(tiny_sdxl_model), instance_data_dir=str(wide_images), output_dir=str(tmp_path / "p"),
+        resolution=64, rank=4, learning_rate=1e-2, max_train_steps=3, train_batch_size=2, checkpointing_steps=0,
+        report_to="none", seed=0, train_text_encoder=True, train_text_embeddings=True, placeholder_token="<wsq>",
+        initializer_token="square", instance_prompt="a <wsq>",
+    )
+    result = train_lora(config)
+    _, bundles = split_embedding_bundle(load_file(str(result.outputs["kohya"])))
+    assert set(bundles) == {"wsq"} and set(bundles["wsq"]) == {"clip_l", "clip_g"}
+    with safe_open(str(result.outputs["a1111_embedding"]), "pt") as f:
+        torch.testing.assert_close(f.get_tensor("clip_g"), bundles["wsq"]["clip_g"].float())
+    assert result.outputs["embeddings_2"].is_file()
+
+
+# ----------------------------------------------------------------------------- DreamBooth
+
+
+def test_dreambooth_with_prior_preservation_exports_an_sdxl_pipeline_and_single_file(tiny_sdxl_model, wide_images, tmp_path):
+    config = DreamBoothConfig(
+        pretrained_model_name_or_path=str(tiny_sdxl_model), instance_data_dir=str(wide_images), instance_prompt="a xon square",
+        output_dir=str(tmp_path / "db"), resolution=64, learning_rate=1e-3, max_train_steps=3, train_batch_size=1,
+        checkpointing_steps=0, report_to="none", train_text_encoder=True, save_single_file=True, save_precision="fp32",
+        with_prior_preservation=True, class_data_dir=str(tmp_path / "class"), class_prompt="a square", num_class_images=2,
+        class_generation_steps=2,
+    )
+    result = train_dreambooth(config)
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2  # generated by the SDXL base
+    trained = StableDiffusionXLPipeline.from_pretrained(str(result.output_dir))
+    base = _base(tiny_sdxl_model)
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        changed = [not torch.equal(a, b) for a, b in zip(getattr(trained, name).parameters(), getattr(base, name).parameters())]
+        assert any(changed), name
+    assert abs(_image(trained) - _image(base)).mean() > 1e-3
+    single = StableDiffusionXLPipeline.from_single_file(str(result.outputs["single_file"]), config=str(result.output_dir))
+    for a, b in zip(single.unet.parameters(), trained.unet.parameters()):
+        torch.testing.assert_close(a, b)
