@@ -1,4 +1,4 @@
-"""Save a diffusers Stable Diffusion 1.x/2.x model as one original-layout checkpoint (AUTOMATIC1111, ComfyUI).
+"""Save a diffusers Stable Diffusion 1.x/2.x/XL model as one original-layout checkpoint (AUTOMATIC1111, ComfyUI).
 
 The original (CompVis/LDM) checkpoint is one flat state dict with three prefixes:
 
@@ -10,7 +10,8 @@ The original (CompVis/LDM) checkpoint is one flat state dict with three prefixes
     upsampler sitting after the layer's attention (``N.1.conv`` or ``N.2.conv``). Resnets name
     their parts ``in_layers.0/2``, ``emb_layers.1``, ``out_layers.0/3``, ``skip_connection``;
     attention blocks are named as in diffusers. ``time_embed.0/2`` and ``out.0/2`` are the
-    time-embedding MLP and the output norm/conv.
+    time-embedding MLP and the output norm/conv; SDXL's added (pooled text + size/crop)
+    embedding MLP, diffusers' ``add_embedding.linear_1/2``, is ``label_emb.0.0/2``.
 ``first_stage_model.``
     The VAE: ``encoder.down.N.block.M``, ``encoder.down.N.downsample``, ``mid.block_1``,
     ``mid.attn_1``, ``mid.block_2``, ``norm_out``; the decoder's ``up.N`` are numbered from the
@@ -19,10 +20,17 @@ The original (CompVis/LDM) checkpoint is one flat state dict with three prefixes
 ``cond_stage_model.``
     SD 1.x: ``transformer.text_model.*``, the transformers CLIP names under a ``text_model``
     level. SD 2.x: ``model.*``, OpenCLIP's names, with q/k/v fused into ``attn.in_proj_weight``.
+``conditioner.embedders.``
+    SDXL (Stability's SGM layout) replaces ``cond_stage_model.`` with one entry per text
+    encoder: ``0.transformer.text_model.*`` is the CLIP ViT-L encoder with the transformers
+    names, as in SD 1.x; ``1.model.*`` is OpenCLIP ViT-bigG with OpenCLIP's names, as in SD 2.x,
+    every layer kept (SDXL reads the penultimate layer but diffusers loads them all) plus the
+    pooled-embedding projection ``text_projection``, stored as OpenCLIP multiplies by it,
+    ``[width, projection_dim]``, the transpose of the transformers ``Linear`` weight.
 
 UNet and VAE keys are built from the modules the models actually have, so any SD-family
-configuration converts; a parameter with no original name (a peft adapter, an SDXL-only
-embedding) raises instead of being dropped.
+configuration converts; a parameter with no original name (a peft adapter, a class embedding)
+raises instead of being dropped.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 OPENCLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -46,25 +56,35 @@ OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.
                   "self_attn.out_proj": "attn.out_proj"}
 
 
-def to_original_state_dict(unet, vae, text_encoder, text_encoder_layout: str = "auto") -> dict[str, torch.Tensor]:
+def to_original_state_dict(unet, vae, text_encoder, text_encoder_layout: str = "auto", *,
+                           text_encoder_2=None) -> dict[str, torch.Tensor]:
     """Rename the weights of a diffusers SD pipeline to the original single-checkpoint layout.
 
     Args:
-        unet: A ``UNet2DConditionModel`` of the SD 1.x/2.x family.
+        unet: A ``UNet2DConditionModel`` of the SD 1.x/2.x/XL family.
         vae: The ``AutoencoderKL``.
         text_encoder: The transformers ``CLIPTextModel``.
         text_encoder_layout: ``"clip"`` (SD 1.x, OpenAI CLIP), ``"openclip"`` (SD 2.x) or
             ``"auto"``: OpenCLIP when the encoder uses ``gelu`` (OpenAI's CLIP uses ``quick_gelu``).
+            With ``text_encoder_2`` the first encoder is always CLIP (``"auto"`` or ``"clip"``).
+        text_encoder_2: SDXL's second encoder, a ``CLIPTextModelWithProjection`` (OpenCLIP
+            ViT-bigG). Given, the SDXL layout is written: both encoders under
+            ``conditioner.embedders.``, and the UNet's ``text_time`` added embedding as ``label_emb``.
 
     Returns:
         Detached tensors (views of the models' weights where no reshaping was needed), by original key.
 
     Raises:
-        ValueError: a parameter has no original name (e.g. an unmerged peft adapter), or the layout is unknown.
+        ValueError: a parameter has no original name (e.g. an unmerged peft adapter), the layout
+            is unknown, or the UNet's added embedding and ``text_encoder_2`` do not go together.
     """
-    for model in (unet, vae, text_encoder):
+    for model in (unet, vae, text_encoder, text_encoder_2):
         if getattr(model, "peft_config", None):
             raise ValueError(f"{type(model).__name__} has peft adapters: merge_and_unload() them before exporting")
+    sdxl_unet = getattr(unet.config, "addition_embed_type", None) == "text_time"
+    if sdxl_unet != (text_encoder_2 is not None):
+        raise ValueError("an SDXL UNet (addition_embed_type='text_time') is exported with its text_encoder_2, "
+                         "and text_encoder_2 only with an SDXL UNet")
     out = _rename(unet.state_dict(), _unet_names(unet), UNET_PREFIX)
     vae_weights = _rename(vae.state_dict(), _vae_names(vae), VAE_PREFIX)
     for key, tensor in vae_weights.items():
@@ -75,7 +95,15 @@ def to_original_state_dict(unet, vae, text_encoder, text_encoder_layout: str = "
         text_encoder_layout = "openclip" if text_encoder.config.hidden_act == "gelu" else "clip"
     # transformers 5 dropped CLIPTextModel's `text_model.` level; strip it for either version
     text_weights = {k.removeprefix("text_model."): v.detach() for k, v in text_encoder.state_dict().items()}
-    if text_encoder_layout == "clip":
+    if text_encoder_2 is not None:
+        if text_encoder_layout not in ("auto", "clip"):
+            raise ValueError(f"SDXL's first text encoder is CLIP: text_encoder_layout must be 'auto' or 'clip', "
+                             f"not {text_encoder_layout!r}")
+        out.update({SDXL_CLIP_PREFIX + k: v for k, v in text_weights.items()})
+        # CLIPTextModelWithProjection: text_model.* and the pooled output's text_projection.weight
+        weights_2 = {k.removeprefix("text_model."): v.detach() for k, v in text_encoder_2.state_dict().items()}
+        out.update({SDXL_OPENCLIP_PREFIX + k: v for k, v in _openclip(weights_2).items()})
+    elif text_encoder_layout == "clip":
         out.update({CLIP_PREFIX + k: v for k, v in text_weights.items()})
     elif text_encoder_layout == "openclip":
         out.update({OPENCLIP_PREFIX + k: v for k, v in _openclip(text_weights).items()})
@@ -85,7 +113,8 @@ def to_original_state_dict(unet, vae, text_encoder, text_encoder_layout: str = "
 
 
 def save_single_file(path: str | Path, unet, vae, text_encoder, dtype: torch.dtype | None = torch.float16,
-                     text_encoder_layout: str = "auto", carry_from: str | Path | None = None) -> Path:
+                     text_encoder_layout: str = "auto", carry_from: str | Path | None = None, *,
+                     text_encoder_2=None) -> Path:
     """Write the model as one original-layout ``.safetensors`` checkpoint, atomically.
 
     Args:
@@ -98,7 +127,9 @@ def save_single_file(path: str | Path, unet, vae, text_encoder, dtype: torch.dty
         carry_from: The single file the base model was loaded from: its text-encoder tensors that
             diffusers does not load are copied over unchanged. For SD 2.x that is OpenCLIP's last
             layer (``resblocks.23``; SD conditions on the penultimate one, so diffusers drops it),
-            which ComfyUI otherwise reports as "clip missing".
+            which ComfyUI otherwise reports as "clip missing". For SDXL, the ``conditioner.embedders.``
+            tensors diffusers skips (e.g. a ``position_ids`` buffer) are carried the same way.
+        text_encoder_2: SDXL's second text encoder; see ``to_original_state_dict``.
 
     Returns:
         The path written.
@@ -106,7 +137,7 @@ def save_single_file(path: str | Path, unet, vae, text_encoder, dtype: torch.dty
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: a single-file checkpoint is written as .safetensors only")
-    tensors = to_original_state_dict(unet, vae, text_encoder, text_encoder_layout)
+    tensors = to_original_state_dict(unet, vae, text_encoder, text_encoder_layout, text_encoder_2=text_encoder_2)
     if carry_from is not None and str(carry_from).endswith(".safetensors"):
         tensors.update(_unloaded_text_encoder_tensors(carry_from, tensors))
     if dtype is not None:
@@ -115,13 +146,26 @@ def save_single_file(path: str | Path, unet, vae, text_encoder, dtype: torch.dty
 
 
 def _unloaded_text_encoder_tensors(source: str | Path, written: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The ``cond_stage_model.`` tensors of ``source`` that ``written`` lacks (text encoders are never trained there)."""
+    """The text-encoder tensors of ``source`` that ``written`` lacks (text encoders are never trained there).
+
+    Only under the encoder prefixes ``written`` has, so a file of another layout contributes nothing.
+    """
     from safetensors import safe_open
 
-    prefixes = {key.split(".")[1] for key in written if key.startswith("cond_stage_model.")}  # "model" or "transformer"
+    prefixes = {_text_encoder_prefix(key) for key in written} - {None}
     with safe_open(str(source), "pt") as f:
         return {key: f.get_tensor(key) for key in f.keys()
-                if key.startswith("cond_stage_model.") and key.split(".")[1] in prefixes and key not in written}
+                if _text_encoder_prefix(key) in prefixes and key not in written}
+
+
+def _text_encoder_prefix(key: str) -> str | None:
+    """``cond_stage_model.model.``, ``conditioner.embedders.1.model.`` etc. for a text-encoder key, else None."""
+    parts = key.split(".")
+    if parts[0] == "cond_stage_model" and len(parts) > 2:
+        return ".".join(parts[:2]) + "."  # "model" (OpenCLIP) or "transformer" (CLIP)
+    if parts[0] == "conditioner" and len(parts) > 4 and parts[1] == "embedders":
+        return ".".join(parts[:4]) + "."
+    return None
 
 
 def _rename(state_dict: dict[str, torch.Tensor], names: dict[str, str], prefix: str) -> dict[str, torch.Tensor]:
@@ -139,7 +183,7 @@ def _rename(state_dict: dict[str, torch.Tensor], names: dict[str, str], prefix: 
             unmapped.append(key)
     if unmapped:
         raise ValueError(f"no original Stable Diffusion name for {len(unmapped)} parameters, e.g. {unmapped[:3]} "
-                         "(merge adapters before exporting; only SD 1.x/2.x architectures are supported)")
+                         "(merge adapters before exporting; only SD 1.x/2.x/XL architectures are supported)")
     return out
 
 
@@ -155,6 +199,10 @@ def _unet_names(unet) -> dict[str, str]:
     """diffusers module name -> LDM module name, for the blocks this UNet has."""
     names = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
              "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    if getattr(unet, "add_embedding", None) is not None and unet.config.addition_embed_type == "text_time":
+        # SDXL: an MLP on the pooled text embedding and the size/crop numbers, added to the time embedding
+        _add(names, "add_embedding.linear_1", "label_emb.0.0")
+        _add(names, "add_embedding.linear_2", "label_emb.0.2")
     index = 1  # input_blocks.0 is conv_in
     for i, block in enumerate(unet.down_blocks):
         attentions = getattr(block, "attentions", None)
@@ -214,9 +262,13 @@ def _vae_names(vae) -> dict[str, str]:
 def _openclip(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers CLIP text weights (no ``text_model.`` level) -> OpenCLIP names.
 
-    There is no ``text_projection`` (SD never uses it), and SD 2.x's diffusers encoder already
-    lacks OpenCLIP's last layer, which SD skips by conditioning on the penultimate one.
+    Every layer given is converted: SD 2.x's diffusers encoder already lacks OpenCLIP's last
+    layer, which SD skips by conditioning on the penultimate one; SDXL's has all of them. SD 2.x
+    has no ``text_projection`` (it never uses it); SDXL's ``CLIPTextModelWithProjection`` has one
+    (``text_projection.weight``, a ``Linear`` ``[projection_dim, width]``), which OpenCLIP
+    keeps as the bare matrix it right-multiplies by: ``text_projection``, ``[width, projection_dim]``.
     """
+    projection = weights.pop("text_projection.weight", None)
     out = {
         "token_embedding.weight": weights.pop("embeddings.token_embedding.weight"),
         "positional_embedding": weights.pop("embeddings.position_embedding.weight"),  # a bare [77, D] parameter
@@ -232,6 +284,8 @@ def _openclip(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[f"{dst}attn.in_proj_{kind}"] = torch.cat(qkv)
             for a, b in OPENCLIP_LAYER.items():
                 out[f"{dst}{b}.{kind}"] = weights.pop(f"{src}{a}.{kind}")
+    if projection is not None:
+        out["text_projection"] = projection.T.contiguous()
     if weights:
         raise ValueError(f"no OpenCLIP name for text-encoder weights {sorted(weights)[:3]}")
     return out

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -196,3 +196,139 @@ def test_text_encoder_tensors_diffusers_drops_are_carried_from_the_source_file(e
     # the carried layer is not read back by diffusers, and the model is unchanged
     _assert_same_weights(components, StableDiffusionPipeline.from_single_file(str(path), config=str(tiny_model),
                                                                               safety_checker=None))
+
+
+# --- SDXL -------------------------------------------------------------------------------------------------
+
+SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def _sdxl_image(pipe):
+    out = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    return torch.from_numpy(out.images)
+
+
+def _with_wider_second_encoder(pipe, width_2=48):
+    """The tiny SDXL pipeline with text_encoder_2 wider than text_encoder, as in SDXL (768 and 1280).
+
+    diffusers' ``from_single_file`` chooses how to read a ``CLIPTextModelWithProjection`` by
+    comparing its width with ``conditioner.embedders.0``'s position embedding: at the fixture's
+    equal widths (32 and 32) it would load the CLIP-L weights into ``text_encoder_2``.
+    """
+    from transformers import CLIPTextModelWithProjection
+
+    config_2 = CLIPTextConfig.from_dict({**pipe.text_encoder_2.config.to_dict(), "hidden_size": width_2,
+                                         "intermediate_size": 2 * width_2, "projection_dim": width_2})
+    unet_config = dict(pipe.unet.config)
+    unet_config["cross_attention_dim"] = pipe.text_encoder.config.hidden_size + width_2
+    unet_config["projection_class_embeddings_input_dim"] = 6 * unet_config["addition_time_embed_dim"] + width_2
+    torch.manual_seed(3)
+    return StableDiffusionXLPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2,
+        text_encoder_2=CLIPTextModelWithProjection(config_2), unet=UNet2DConditionModel.from_config(unet_config),
+        scheduler=pipe.scheduler,
+    )
+
+
+@pytest.fixture(scope="module")
+def sdxl_exported(tiny_sdxl_model, tmp_path_factory):
+    """(pipeline, its config folder, fp32 single file); weights nudged after the folder was saved."""
+    pipe = _with_wider_second_encoder(StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_model)))
+    folder = tmp_path_factory.mktemp("sdxl-wide")
+    pipe.save_pretrained(folder)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name in SDXL_PARTS:
+            for p in getattr(pipe, name).parameters():
+                p.add_(torch.randn(p.shape, generator=g), alpha=0.01)
+    pipe.set_progress_bar_config(disable=True)
+    path = folder.parent / "sdxl.safetensors"
+    assert save_single_file(path, pipe.unet, pipe.vae, pipe.text_encoder, dtype=torch.float32,
+                            text_encoder_2=pipe.text_encoder_2) == path
+    return pipe, folder, path
+
+
+def test_sdxl_round_trip_through_from_single_file(sdxl_exported):
+    pipe, folder, path = sdxl_exported
+    reloaded = StableDiffusionXLPipeline.from_single_file(str(path), config=str(folder), local_files_only=True)
+    reloaded.set_progress_bar_config(disable=True)
+    for name in SDXL_PARTS:
+        want, got = getattr(pipe, name).state_dict(), getattr(reloaded, name).state_dict()
+        assert want.keys() == got.keys(), name
+        for key in want:
+            assert torch.equal(want[key], got[key]), f"{name}.{key}"
+    assert torch.equal(_sdxl_image(pipe), _sdxl_image(reloaded))
+
+
+def test_sdxl_key_layout(tiny_sdxl_model):
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_model))
+    unet, vae, te, te2 = (_without_text_model_level(getattr(pipe, name).state_dict()) for name in SDXL_PARTS)
+    tensors = to_original_state_dict(pipe.unet, pipe.vae, pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)
+    prefixes = ("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.0.transformer.text_model.",
+                "conditioner.embedders.1.model.")
+    assert all(key.startswith(prefixes) for key in tensors)
+    layers = pipe.text_encoder_2.config.num_hidden_layers
+    assert len(tensors) == len(unet) + len(vae) + len(te) + len(te2) - 4 * layers  # q/k/v: 6 -> 2 fused
+    spot_checks = {
+        "model.diffusion_model.label_emb.0.0.weight": unet["add_embedding.linear_1.weight"],
+        "model.diffusion_model.label_emb.0.2.bias": unet["add_embedding.linear_2.bias"],
+        # SDXL's levels: no attention, then 1 and 2 transformer blocks; the first upsampler follows an attention
+        "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight":
+            unet["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"],
+        "model.diffusion_model.input_blocks.7.1.transformer_blocks.1.ff.net.2.weight":
+            unet["down_blocks.2.attentions.0.transformer_blocks.1.ff.net.2.weight"],
+        "model.diffusion_model.middle_block.1.proj_out.weight": unet["mid_block.attentions.0.proj_out.weight"],
+        "model.diffusion_model.output_blocks.2.2.conv.weight": unet["up_blocks.0.upsamplers.0.conv.weight"],
+        "model.diffusion_model.output_blocks.8.0.skip_connection.weight":
+            unet["up_blocks.2.resnets.2.conv_shortcut.weight"],
+        "first_stage_model.decoder.up.3.upsample.conv.weight": vae["decoder.up_blocks.0.upsamplers.0.conv.weight"],
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight":
+            te["embeddings.position_embedding.weight"],
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.2.mlp.fc1.weight":
+            te["encoder.layers.2.mlp.fc1.weight"],
+        "conditioner.embedders.1.model.positional_embedding": te2["embeddings.position_embedding.weight"],
+        "conditioner.embedders.1.model.token_embedding.weight": te2["embeddings.token_embedding.weight"],
+        "conditioner.embedders.1.model.ln_final.bias": te2["final_layer_norm.bias"],
+        # every layer is kept, the last included (SD 2.x's export has none to keep)
+        f"conditioner.embedders.1.model.transformer.resblocks.{layers - 1}.mlp.c_proj.bias":
+            te2[f"encoder.layers.{layers - 1}.mlp.fc2.bias"],
+        f"conditioner.embedders.1.model.transformer.resblocks.{layers - 1}.attn.in_proj_weight":
+            torch.cat([te2[f"encoder.layers.{layers - 1}.self_attn.{p}_proj.weight"] for p in "qkv"]),
+        # OpenCLIP right-multiplies by the projection: [width, projection_dim], the Linear weight transposed
+        "conditioner.embedders.1.model.text_projection": te2["text_projection.weight"].T,
+    }
+    for key, want in spot_checks.items():
+        assert torch.equal(tensors[key], want), key
+    assert not any(key.startswith("cond_stage_model.") for key in tensors)
+
+
+def test_sdxl_parts_must_go_together(tiny_sdxl_model, exported):
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_model))
+    with pytest.raises(ValueError, match="text_encoder_2"):
+        to_original_state_dict(pipe.unet, pipe.vae, pipe.text_encoder)
+    components, _ = exported
+    with pytest.raises(ValueError, match="text_encoder_2"):
+        to_original_state_dict(components.unet, components.vae, components.text_encoder,
+                               text_encoder_2=pipe.text_encoder_2)
+    with pytest.raises(ValueError, match="CLIP"):
+        to_original_state_dict(pipe.unet, pipe.vae, pipe.text_encoder, text_encoder_layout="openclip",
+                               text_encoder_2=pipe.text_encoder_2)
+
+
+def test_sdxl_text_encoder_tensors_diffusers_drops_are_carried(tiny_sdxl_model, tmp_path):
+    """A source SDXL file's text-encoder extras (position_ids, logit_scale) survive; other layouts' do not."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_model))
+    parts = (pipe.unet, pipe.vae, pipe.text_encoder)
+    source = to_original_state_dict(*parts, text_encoder_2=pipe.text_encoder_2)
+    extra = {"conditioner.embedders.0.transformer.text_model.embeddings.position_ids": torch.arange(77)[None],
+             "conditioner.embedders.1.model.logit_scale": torch.tensor(4.6)}
+    foreign = {"cond_stage_model.model.text_projection": torch.ones(2, 2), "model_ema.decay": torch.tensor(0.9)}
+    save_file({**{k: v.contiguous() for k, v in source.items()}, **extra, **foreign},
+              str(tmp_path / "source.safetensors"))
+    path = save_single_file(tmp_path / "out.safetensors", *parts, dtype=None, text_encoder_2=pipe.text_encoder_2,
+                            carry_from=tmp_path / "source.safetensors")
+    written = load_file(str(path))
+    assert written.keys() == source.keys() | extra.keys()
+    for key, tensor in extra.items():
+        assert torch.equal(written[key], tensor), key
