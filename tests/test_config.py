@@ -15,7 +15,8 @@ RECIPES = sorted((Path(__file__).parents[1] / "recipes").rglob("*.yaml"))
 def test_there_are_recipes():
     assert {p.relative_to(p.parents[1]).as_posix() for p in RECIPES} >= {
         "sd15/lora.yaml", "sd21/lora.yaml", "sd15/dreambooth.yaml", "sd15/dreambooth_lora.yaml", "sd21/dreambooth.yaml",
-        "sd15/textual_inversion.yaml", "sd15/pivotal.yaml"}
+        "sd15/textual_inversion.yaml", "sd15/pivotal.yaml", "sdxl/lora.yaml", "sdxl/dreambooth_lora.yaml",
+        "sdxl/dreambooth.yaml", "sdxl/textual_inversion.yaml", "sdxl/pivotal.yaml"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -211,7 +211,7 @@ def test_textual_inversion_learns_one_embedding_per_text_encoder(xl_ti_run, tiny
     with safe_open(str(xl_ti_run.outputs["a1111"]), "pt") as f:
         a1111 = {key: f.get_tensor(key) for key in f.keys()}
     assert set(a1111) == {"clip_l", "clip_g"}
-    assert a1111["clip_l"].shape == (1, 32) and a1111["clip_g"].shape == (1, 32)
+    assert a1111["clip_l"].shape == (1, 32) and a1111["clip_g"].shape == (1, 64)
     for name in a1111:  # each encoder's vector moved away from the initializer
         assert (a1111[name][0] - initial[name]).abs().max() > 1e-3, name
     assert xl_ti_run.outputs["diffusers_2"].name == "learned_embeds_2.safetensors"
@@ -276,3 +276,94 @@ def test_dreambooth_with_prior_preservation_exports_an_sdxl_pipeline_and_single_
     single = StableDiffusionXLPipeline.from_single_file(str(result.outputs["single_file"]), config=str(result.output_dir))
     for a, b in zip(single.unet.parameters(), trained.unet.parameters()):
         torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+@pytest.mark.parametrize("recipe", ["lora", "dreambooth_lora", "dreambooth", "textual_inversion", "pivotal"])
+def test_every_sdxl_recipe_trains_the_tiny_sdxl(recipe, tiny_sdxl_model, wide_images, tmp_path):
+    """Each recipe through the command line, with only the scale overridden (model, size, steps, data)."""
+    from pathlib import Path
+
+    from sdtune.cli import main
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "sdxl" / f"{recipe}.yaml"
+    command = {"dreambooth": "train-dreambooth", "textual": "train-textual-inversion"}.get(recipe.split("_")[0], "train-lora")
+    scale = ["--pretrained_model_name_or_path", str(tiny_sdxl_model), "--pretrained_vae_model_name_or_path", "none",
+             "--resolution", "64", "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--max_train_steps", "2",
+             "--gradient_accumulation_steps", "1", "--checkpointing_steps", "0", "--num_validation_images", "0",
+             "--report_to", "none", "--instance_data_dir", str(wide_images), "--output_dir", str(tmp_path / "out")]
+    what = {"train-dreambooth": ["--instance_prompt", "a xon square", "--class_data_dir", str(tmp_path / "class"),
+                                 "--class_prompt", "a square", "--num_class_images", "2", "--class_generation_steps", "2"],
+            "train-textual-inversion": ["--placeholder_token", "<wsq>", "--initializer_token", "square"],
+            "train-lora": ["--placeholder_token", "<wsq>", "--initializer_token", "square", "--instance_prompt", "a <wsq>"]
+            if recipe == "pivotal" else []}[command]
+    assert main([command, "--config", str(path), *scale, *what]) == 0
+    exported = {p.name for p in (tmp_path / "out").iterdir()}
+    expected = {"lora": "kohya_lora.safetensors", "dreambooth_lora": "kohya_lora.safetensors", "dreambooth": "model.safetensors",
+                "textual_inversion": "learned_embeds_2.safetensors", "pivotal": "wsq.safetensors"}[recipe]
+    assert expected in exported and "README.md" in exported
+
+
+# ----------------------------------------------------------------------------- single files and the VAE
+
+
+def test_an_sdxl_single_file_loads_as_sdxl_and_a_refiner_is_refused(tiny_sdxl_model, tmp_path):
+    from safetensors.torch import save_file
+
+    from sdtune.errors import ModelLoadError
+    from sdtune.single_file import save_single_file
+
+    pipe = _base(tiny_sdxl_model)
+    path = save_single_file(tmp_path / "xl.safetensors", pipe.unet, pipe.vae, pipe.text_encoder,
+                            text_encoder_2=pipe.text_encoder_2, dtype=None)
+    components = load_components(str(path), single_file_config=str(tiny_sdxl_model))
+    assert components.is_sdxl and components.source_file == str(path)
+    for a, b in zip(components.text_encoder_2.parameters(), pipe.text_encoder_2.parameters()):
+        torch.testing.assert_close(a, b)
+    refiner = tmp_path / "refiner.safetensors"
+    save_file({"conditioner.embedders.0.model.ln_final.weight": torch.ones(2)}, str(refiner))
+    with pytest.raises(ModelLoadError, match="is an SDXL refiner, which sdtune does not train"):
+        load_components(str(refiner))
+
+
+def test_pretrained_vae_replaces_the_models_vae(tiny_sdxl_model, tiny_model, tmp_path):
+    from sdtune.errors import ModelLoadError
+
+    components = load_components(str(tiny_sdxl_model), vae_name_or_path=str(tiny_model))  # a model folder's vae/
+    other = load_components(str(tiny_model))
+    for a, b in zip(components.vae.parameters(), other.vae.parameters()):
+        assert torch.equal(a, b)
+    assert components.fingerprint == other.fingerprint  # cached latents follow the VAE actually used
+    with pytest.raises(ModelLoadError, match="--pretrained_vae_model_name_or_path ./missing-vae: no such file or folder"):
+        load_components(str(tiny_sdxl_model), vae_name_or_path="./missing-vae")
+
+
+def test_fp16_keeps_the_sdxl_vae_in_fp32(tiny_sdxl_model):
+    components = load_components(str(tiny_sdxl_model), weight_dtype=torch.float16)
+    assert components.vae.dtype == torch.float32  # SDXL's VAE overflows in fp16
+    assert components.unet.dtype == components.text_encoder_2.dtype == torch.float16
+
+
+def test_generate_with_a_refiner(tiny_sdxl_model, tmp_path):
+    """The base denoises the first 80 %, the refiner the rest (another tiny SDXL stands in for a refiner)."""
+    from sdtune.command_configs import GenerateConfig
+    from sdtune.errors import ConfigError
+    from sdtune.sampling import run_generate
+    from sdtune.toy import build_tiny_sdxl_model
+
+    refiner = build_tiny_sdxl_model(tmp_path / "refiner", seed=1)
+    common = dict(pretrained_model_name_or_path=str(tiny_sdxl_model), prompt=PROMPT, num_inference_steps=4, scheduler="euler")
+    plain = run_generate(GenerateConfig(output_dir=str(tmp_path / "plain"), **common))[0]
+    refined = run_generate(GenerateConfig(output_dir=str(tmp_path / "refined"), refiner=str(refiner), **common))[0]
+    assert list(Image.open(plain).getdata()) != list(Image.open(refined).getdata())
+    with pytest.raises(ConfigError, match="--refiner is for SDXL"):
+        run_generate(GenerateConfig(**{**common, "pretrained_model_name_or_path": str(_sd_folder(tmp_path))},
+                                    refiner=str(tiny_sdxl_model), output_dir=str(tmp_path / "sd")))
+
+
+def _sd_folder(tmp_path):
+    from sdtune.toy import build_tiny_model
+
+    return build_tiny_model(tmp_path / "sd-model")

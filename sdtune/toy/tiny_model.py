@@ -111,7 +111,9 @@ def build_tiny_sdxl_model(output_dir: str | Path, *, seed: int = 0, sample_size:
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    width_1, width_2, time_embed_dim = 32, 32, 8
+    # the second encoder wider than the first, as in SDXL (768 and 1280): diffusers' single-file loader
+    # tells the two apart by their widths
+    width_1, width_2, time_embed_dim = 32, 64, 8
     unet = UNet2DConditionModel(
         sample_size=sample_size, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
