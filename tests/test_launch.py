@@ -61,7 +61,10 @@ def test_user_mistakes_print_one_line_and_exit_2(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_cpu_processes_equal_one_process_with_the_same_global_batch(tiny_model, shapes_dir, tmp_path):
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_sdxl_model"])
+def test_two_cpu_processes_equal_one_process_with_the_same_global_batch(model, shapes_dir, tmp_path, request):
+    """SDXL too: its pooled embedding and size numbers are split across processes like the latents."""
+    tiny_model = request.getfixturevalue(model)
     two = tmp_path / "two"
     _run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sdtune",
