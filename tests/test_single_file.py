@@ -203,12 +203,6 @@ def test_text_encoder_tensors_diffusers_drops_are_carried_from_the_source_file(e
 SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
-def _sdxl_image(pipe):
-    out = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
-               generator=torch.Generator().manual_seed(0))
-    return torch.from_numpy(out.images)
-
-
 def _with_wider_second_encoder(pipe, width_2=48):
     """The tiny SDXL pipeline with text_encoder_2 wider than text_encoder, as in SDXL (768 and 1280).
 
@@ -258,7 +252,7 @@ def test_sdxl_round_trip_through_from_single_file(sdxl_exported):
         assert want.keys() == got.keys(), name
         for key in want:
             assert torch.equal(want[key], got[key]), f"{name}.{key}"
-    assert torch.equal(_sdxl_image(pipe), _sdxl_image(reloaded))
+    assert torch.equal(_image(pipe), _image(reloaded))
 
 
 def test_sdxl_key_layout(tiny_sdxl_model):
