@@ -33,7 +33,7 @@ from sdtune.export import follow_umask
 from sdtune.hub import push_to_hub
 from sdtune.model_card import write_training_card
 from sdtune.methods import Method
-from sdtune.models import Components, load_components
+from sdtune.models import load_components
 from sdtune.optim import build_lr_scheduler, build_optimizer
 from sdtune.precision import launch_device, resolve_mixed_precision
 from sdtune.sampling import sample_images, save_images

@@ -9,7 +9,6 @@ import pytest
 from sdtune.cli import main, parse_config
 from sdtune.config import DreamBoothConfig, LoRAConfig, TextualInversionConfig, resolve_epochs
 from sdtune.diffusers_compat import ALIASES, MOOT, REFUSED, hide_hub_token
-from sdtune.errors import ConfigError
 
 # Every flag of the four SD 1.x scripts (their argparse lists), with a value where it takes one.
 VALUE = {

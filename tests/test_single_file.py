@@ -203,33 +203,13 @@ def test_text_encoder_tensors_diffusers_drops_are_carried_from_the_source_file(e
 SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
-def _with_wider_second_encoder(pipe, width_2=48):
-    """The tiny SDXL pipeline with text_encoder_2 wider than text_encoder, as in SDXL (768 and 1280).
-
-    diffusers' ``from_single_file`` chooses how to read a ``CLIPTextModelWithProjection`` by
-    comparing its width with ``conditioner.embedders.0``'s position embedding: at the fixture's
-    equal widths (32 and 32) it would load the CLIP-L weights into ``text_encoder_2``.
-    """
-    from transformers import CLIPTextModelWithProjection
-
-    config_2 = CLIPTextConfig.from_dict({**pipe.text_encoder_2.config.to_dict(), "hidden_size": width_2,
-                                         "intermediate_size": 2 * width_2, "projection_dim": width_2})
-    unet_config = dict(pipe.unet.config)
-    unet_config["cross_attention_dim"] = pipe.text_encoder.config.hidden_size + width_2
-    unet_config["projection_class_embeddings_input_dim"] = 6 * unet_config["addition_time_embed_dim"] + width_2
-    torch.manual_seed(3)
-    return StableDiffusionXLPipeline(
-        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2,
-        text_encoder_2=CLIPTextModelWithProjection(config_2), unet=UNet2DConditionModel.from_config(unet_config),
-        scheduler=pipe.scheduler,
-    )
-
-
 @pytest.fixture(scope="module")
 def sdxl_exported(tiny_sdxl_model, tmp_path_factory):
     """(pipeline, its config folder, fp32 single file); weights nudged after the folder was saved."""
-    pipe = _with_wider_second_encoder(StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_model)))
-    folder = tmp_path_factory.mktemp("sdxl-wide")
+    # the fixture's second encoder is wider than the first, as SDXL's: diffusers' single-file loader
+    # tells them apart by width (at equal widths it reads the CLIP-L weights into text_encoder_2)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_model))
+    folder = tmp_path_factory.mktemp("sdxl-copy")
     pipe.save_pretrained(folder)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
