@@ -171,6 +171,10 @@ class Trainer:
         if config.cache_text_embeddings and not self.method.trains_text_encoder:
             self.text_cache = TextEmbeddingCache(self._encode_captions)
             self.text_cache.prefill([s.caption for s in data.samples] + [""] * (config.caption_dropout_rate > 0))
+            # Every caption is encoded: the frozen encoders leave the GPU (SDXL's two hold 1.6 GB in fp16)
+            # and come back only for validation; a new caption (shuffled tags) is encoded where they are.
+            for text_encoder in self.components.text_encoders:
+                text_encoder.to(parked_text_encoder_device(self.accelerator.device))
 
     def _setup_optimizer(self) -> None:
         config, accelerator = self.config, self.accelerator
@@ -326,7 +330,9 @@ class Trainer:
     @torch.no_grad()
     def _encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
         components = self.components
-        return components.conditioning.encode(components.text_encoders, components.tokenizers, captions, self.accelerator.device)
+        device = components.text_encoders[0].device  # parked on the CPU once the captions are cached
+        text = components.conditioning.encode(components.text_encoders, components.tokenizers, captions, device)
+        return {name: tensor.to(self.accelerator.device) for name, tensor in text.items()}
 
     # ------------------------------------------------------------------ bookkeeping
     def _flush_losses(self, pending: list[torch.Tensor], progress) -> None:
@@ -365,8 +371,11 @@ class Trainer:
         if self.accelerator.is_main_process:
             config = self.config
             modes = {module: module.training for module in (self.components.unet, *self.components.text_encoders)}
+            homes = {module: module.device for module in self.components.text_encoders}
             for module in modes:
                 module.eval()  # no LoRA dropout in the images
+            for module in homes:
+                module.to(self.accelerator.device)  # parked encoders come back for the pipeline
             try:
                 images = sample_images(
                     self.components, config.validation_prompt, num_images=config.num_validation_images, seed=config.seed,
@@ -376,6 +385,8 @@ class Trainer:
             finally:
                 for module, training in modes.items():
                     module.train(training)
+                for module, home in homes.items():
+                    module.to(home)
             save_images(images, self.output_dir / "validation", stem=f"step{self.state.global_step:06d}")
             for tracker in self.accelerator.trackers:
                 if tracker.name == "tensorboard":
@@ -416,6 +427,11 @@ class Trainer:
 
 
 _LOG_EVERY = 10  # steps between host syncs for logging; also flushed at checkpoints and the end
+
+
+def parked_text_encoder_device(device: torch.device) -> torch.device:
+    """Where frozen text encoders wait once every caption is cached: off the GPU, in host memory."""
+    return torch.device("cpu") if device.type in ("cuda", "xpu", "mps") else device
 
 
 def _step_seed(seed: int, micro_step: int) -> int:

@@ -241,3 +241,20 @@ def test_log_lines_go_through_tqdm_during_training(lora_config, monkeypatch):
     finally:
         logging.root.removeHandler(console)
     assert seen and "_TqdmLoggingHandler" in seen[0] and "StreamHandler" not in seen[0]
+
+
+def test_frozen_text_encoders_leave_the_gpu_once_captions_are_cached(lora_config):
+    from sdtune.loop import parked_text_encoder_device
+
+    assert parked_text_encoder_device(torch.device("cuda", 0)) == torch.device("cpu")
+    assert parked_text_encoder_device(torch.device("cpu")) == torch.device("cpu")
+    # on the CPU nothing moves, and a caption first seen mid-run is encoded and cached beside the others
+    trainer = Trainer(lora_config, sdtune.LoRAMethod(lora_config))
+    trainer.setup()
+    try:
+        before = len(trainer.text_cache.entries)
+        text = trainer.text_cache(["a caption no image has"])
+        assert text["encoder_hidden_states"].device == trainer.accelerator.device
+        assert len(trainer.text_cache.entries) == before + 1
+    finally:
+        trainer.cleanup()
