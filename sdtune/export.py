@@ -106,8 +106,8 @@ def save_kohya_lora(
     Weights are stored in ``dtype`` (fp16 by default, as these UIs expect); ``metadata`` adds
     ``ss_*`` training notes that the UIs display; ``extra`` adds tensors such as embedding bundles.
 
-    SD 1.x/2.x: kohya trains these on diffusers' UNet, so UNet modules keep diffusers' paths
-    (``lora_unet_down_blocks_0_...``) and the text encoder is ``lora_te_text_model_...``.
+    SD 1.x/2.x: kohya's UNet for these has diffusers' module names, so UNet modules keep
+    diffusers' paths (``lora_unet_down_blocks_0_...``); the text encoder is ``lora_te_text_model_...``.
 
     SDXL (``sdxl_unet`` given, the trained UNet, read for its module names only): kohya-ss
     names UNet modules by the original SGM names (``lora_unet_input_blocks_4_1_transformer_

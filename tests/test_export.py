@@ -168,3 +168,22 @@ def test_sdxl_embedding_file_and_bundle(tmp_path):
     assert all(torch.equal(bundles["cat-toy"][k], vectors[k]) for k in vectors)
     with pytest.raises(ValueError):
         save_a1111_embedding(tmp_path, "<x>", {"clip_l": torch.randn(2, 768), "clip_g": torch.randn(3, 1280)})
+
+
+def test_sdxl_kohya_names_dora_magnitudes_and_refuses_what_it_cannot_name(tiny_sdxl_model, tmp_path):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from sdtune.export import KOHYA_UNET_PREFIX, peft_to_kohya, save_kohya_lora, sdxl_unet_module_names
+
+    names = sdxl_unet_module_names(UNet2DConditionModel.from_pretrained(tiny_sdxl_model, subfolder="unet"))
+    module = "down_blocks.0.resnets.0.conv1"
+    dora = {f"{module}.lora_A.weight": torch.zeros(4, 16, 3, 3), f"{module}.lora_B.weight": torch.zeros(16, 4, 1, 1),
+            f"{module}.lora_magnitude_vector": torch.ones(1, 16, 1, 1)}
+    out = peft_to_kohya(dora, KOHYA_UNET_PREFIX, 4, names)
+    assert out["lora_unet_input_blocks_1_0_in_layers_2.dora_scale"].shape == (16, 1, 1, 1)
+    with pytest.raises(ValueError, match="no original"):
+        peft_to_kohya({"not_a_unet_module.lora_A.weight": torch.zeros(1)}, KOHYA_UNET_PREFIX, 4, names)
+    with pytest.raises(ValueError, match="sdxl_unet"):  # lora_te2_ only makes sense with SDXL's UNet names
+        save_kohya_lora(tmp_path / "x.safetensors", {}, None, alpha=4, rank=4,
+                        text_encoder_2_state_dict={"encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(1)})
