@@ -14,15 +14,20 @@ from safetensors.torch import save_file
 
 KOHYA_UNET_PREFIX = "lora_unet"
 KOHYA_TEXT_ENCODER_PREFIX = "lora_te"
+KOHYA_SDXL_TEXT_ENCODER_PREFIXES = ("lora_te1", "lora_te2")  # CLIP ViT-L, OpenCLIP bigG
+KOHYA_SDXL_BASE_MODEL_VERSION = "sdxl_base_v1-0"  # kohya's ss_base_model_version; A1111 tells SDXL LoRAs by "sdxl_"
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-def peft_to_kohya(state_dict: dict[str, torch.Tensor], prefix: str, alpha: float) -> dict[str, torch.Tensor]:
+def peft_to_kohya(state_dict: dict[str, torch.Tensor], prefix: str, alpha: float,
+                  module_names: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Rename a peft LoRA state dict (``<module>.lora_A.weight``) to kohya-ss keys.
 
     kohya names a module by its dotted path with dots turned to underscores after a prefix
     (``lora_unet_down_blocks_0_attentions_0_proj_in``), with ``.lora_down.weight``,
     ``.lora_up.weight`` and the scalar ``.alpha`` (scale = alpha / rank, as in peft).
+    ``module_names`` (diffusers module -> other module name, matched by the longest prefix of
+    the path) renames the paths first; see ``sdxl_unet_module_names``.
 
     DoRA: peft's magnitude is a per-output-row norm, which LyCORIS calls ``wd_on_out`` and
     stores as ``.dora_scale`` shaped [out, 1] (linear) or [out, 1, 1, 1] (conv). ComfyUI and
@@ -38,6 +43,8 @@ def peft_to_kohya(state_dict: dict[str, torch.Tensor], prefix: str, alpha: float
                 break
         else:
             raise ValueError(f"not a LoRA key: {key}")
+        if module_names is not None:
+            module = _renamed_module(module, module_names)
         name = f"{prefix}_{module.replace('.', '_')}"
         if suffix in renames:
             out[name + renames[suffix]] = tensor.contiguous()
@@ -51,6 +58,36 @@ def peft_to_kohya(state_dict: dict[str, torch.Tensor], prefix: str, alpha: float
     return out
 
 
+def _renamed_module(module: str, names: dict[str, str]) -> str:
+    """``module`` with its longest dotted prefix that ``names`` holds renamed (the rest of the path kept)."""
+    head, tail = module, []
+    while head not in names:
+        if "." not in head:
+            raise ValueError(f"no original (SGM) name for UNet module {module}: only SD-family UNets convert")
+        head, _, part = head.rpartition(".")
+        tail.insert(0, part)
+    return ".".join([names[head], *tail])
+
+
+def sdxl_unet_module_names(unet) -> dict[str, str]:
+    """diffusers UNet module -> the original SGM/LDM module name kohya-ss trains SDXL under.
+
+    kohya-ss trains SDXL on its own copy of the original UNet (``sdxl_original_unet.py``), so an
+    SDXL LoRA names ``input_blocks.4.1`` (with diffusers' names inside the attention block:
+    ``transformer_blocks.0.attn1.to_q``), a resnet's ``conv1`` as ``in_layers.2``, ``conv2`` as
+    ``out_layers.3``, ``time_emb_proj`` as ``emb_layers.1``, ``conv_shortcut`` as
+    ``skip_connection``, the samplers ``input_blocks.3.0.op`` / ``output_blocks.2.2.conv``, and
+    the added-conditioning MLP ``label_emb.0.0/2``. The names come from the blocks this UNet has
+    (the single-file converter's map).
+    """
+    from sdtune.single_file import _unet_names  # single_file imports this module
+
+    names = _unet_names(unet)
+    if getattr(unet, "add_embedding", None) is not None:  # SDXL's text_time conditioning MLP
+        names.update({"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"})
+    return names
+
+
 def save_kohya_lora(
     path: str | Path,
     unet_state_dict: dict[str, torch.Tensor],
@@ -61,18 +98,39 @@ def save_kohya_lora(
     metadata: dict[str, str] | None = None,
     dtype: torch.dtype = torch.float16,
     extra: dict[str, torch.Tensor] | None = None,
+    text_encoder_2_state_dict: dict[str, torch.Tensor] | None = None,
+    sdxl_unet: torch.nn.Module | None = None,
 ) -> Path:
     """Write one kohya-format LoRA file (what A1111's and ComfyUI's LoRA loaders read).
 
     Weights are stored in ``dtype`` (fp16 by default, as these UIs expect); ``metadata`` adds
     ``ss_*`` training notes that the UIs display; ``extra`` adds tensors such as embedding bundles.
+
+    SD 1.x/2.x: kohya's UNet for these has diffusers' module names, so UNet modules keep
+    diffusers' paths (``lora_unet_down_blocks_0_...``); the text encoder is ``lora_te_text_model_...``.
+
+    SDXL (``sdxl_unet`` given, the trained UNet, read for its module names only): kohya-ss
+    names UNet modules by the original SGM names (``lora_unet_input_blocks_4_1_transformer_
+    blocks_0_attn1_to_q``, see ``sdxl_unet_module_names``) and the two text encoders
+    ``lora_te1_text_model_...`` and ``lora_te2_text_model_...``. A1111 finds an SDXL UNet's
+    modules by exactly these names (``lora_unet_`` becomes ``diffusion_model_``) and its text
+    encoders only as ``lora_te1_``/``lora_te2_``; ComfyUI and diffusers read them too.
+    ``ss_base_model_version`` defaults to kohya's SDXL value, by which A1111 files the LoRA
+    under SDXL.
     """
-    tensors = peft_to_kohya(unet_state_dict, KOHYA_UNET_PREFIX, alpha)
-    if text_encoder_state_dict:
-        tensors.update(peft_to_kohya(with_text_model_level(text_encoder_state_dict), KOHYA_TEXT_ENCODER_PREFIX, alpha))
+    if text_encoder_2_state_dict and sdxl_unet is None:
+        raise ValueError("a second text encoder's LoRA is SDXL's: pass sdxl_unet for the SDXL UNet names")
+    module_names = sdxl_unet_module_names(sdxl_unet) if sdxl_unet is not None else None
+    tensors = peft_to_kohya(unet_state_dict, KOHYA_UNET_PREFIX, alpha, module_names)
+    prefixes = KOHYA_SDXL_TEXT_ENCODER_PREFIXES if sdxl_unet is not None else (KOHYA_TEXT_ENCODER_PREFIX,)
+    for prefix, text_state_dict in zip(prefixes, (text_encoder_state_dict, text_encoder_2_state_dict)):
+        if text_state_dict:
+            tensors.update(peft_to_kohya(with_text_model_level(text_state_dict), prefix, alpha))
     tensors.update(extra or {})  # e.g. bundled pivotal-tuning embeddings
     tensors = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".alpha") else v for k, v in tensors.items()}
     header = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha)}
+    if sdxl_unet is not None:
+        header["ss_base_model_version"] = KOHYA_SDXL_BASE_MODEL_VERSION
     header.update(metadata or {})
     return atomic_save_file(tensors, path, header)
 
@@ -179,23 +237,62 @@ def a1111_embedding_name(token: str) -> str:
     return token.strip("<>") or "embedding"
 
 
-def save_a1111_embedding(output_dir: str | Path, token: str, vectors: torch.Tensor) -> Path:
-    """AUTOMATIC1111 / ComfyUI embedding: the vectors under ``emb_params``, in ``<name>.safetensors``."""
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")  # vectors for SDXL's first (CLIP ViT-L) and second (OpenCLIP bigG) text encoder
+
+
+def save_a1111_embedding(output_dir: str | Path, token: str, vectors: torch.Tensor | dict[str, torch.Tensor]) -> Path:
+    """AUTOMATIC1111 / ComfyUI embedding, in ``<name>.safetensors``.
+
+    SD 1.x/2.x: the vectors under ``emb_params``. SDXL (``vectors`` a dict): exactly the keys
+    ``clip_l`` ([n, 768] for SDXL) and ``clip_g`` ([n, 1280]), one set of vectors per text
+    encoder; that is what A1111 recognises as an SDXL embedding, what ComfyUI's SDXL tokenizers
+    read (each by its own key) and what kohya-ss' SDXL textual inversion writes.
+    """
     name = a1111_embedding_name(token)
-    return atomic_save_file({"emb_params": vectors}, Path(output_dir) / f"{name}.safetensors", {"name": name, "token": token})
+    tensors = _sdxl_embedding(vectors) if isinstance(vectors, dict) else {"emb_params": vectors}
+    return atomic_save_file(tensors, Path(output_dir) / f"{name}.safetensors", {"name": name, "token": token})
+
+
+def _sdxl_embedding(vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``clip_l``/``clip_g`` pair, checked: both present, nothing else, as many vectors each."""
+    if set(vectors) != set(SDXL_EMBEDDING_KEYS):
+        raise ValueError(f"an SDXL embedding has exactly the keys {SDXL_EMBEDDING_KEYS}, not {sorted(vectors)}")
+    if vectors["clip_l"].shape[0] != vectors["clip_g"].shape[0]:
+        raise ValueError(f"clip_l has {vectors['clip_l'].shape[0]} vectors and clip_g {vectors['clip_g'].shape[0]}")
+    return {key: vectors[key] for key in SDXL_EMBEDDING_KEYS}
 
 
 BUNDLE_PREFIX = "bundle_emb."
 BUNDLE_TOKENS_METADATA = "sdtune_bundle_tokens"  # {bundle name: the token it was trained as}
 
 
-def kohya_embedding_bundle(token: str, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Embeddings inside a kohya LoRA file, as A1111 (1.7+), ComfyUI and OneTrainer read them."""
-    return {f"{BUNDLE_PREFIX}{a1111_embedding_name(token)}.string_to_param.*": vectors}
+def kohya_embedding_bundle(token: str, vectors: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Embeddings inside a kohya LoRA file, as A1111 (1.7+), ComfyUI and OneTrainer read them.
+
+    ``bundle_emb.<name>.<key>``: A1111 gathers a name's keys into the dict it would load from an
+    embedding file, so SD 1.x/2.x vectors are ``string_to_param.*`` (the .pt embedding layout)
+    and SDXL's are ``clip_l`` and ``clip_g`` (``vectors`` a dict, as for ``save_a1111_embedding``).
+    ComfyUI reads a LoRA file put in its embeddings folder by the same suffixes.
+    """
+    name = a1111_embedding_name(token)
+    if isinstance(vectors, dict):
+        return {f"{BUNDLE_PREFIX}{name}.{key}": tensor for key, tensor in _sdxl_embedding(vectors).items()}
+    return {f"{BUNDLE_PREFIX}{name}.string_to_param.*": vectors}
 
 
-def split_embedding_bundle(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(LoRA tensors, {bundle name: vectors}) of a kohya file; diffusers' LoRA loader rejects bundle keys."""
-    lora = {k: v for k, v in state_dict.items() if not k.startswith(BUNDLE_PREFIX)}
-    bundles = {k[len(BUNDLE_PREFIX):].split(".")[0]: v for k, v in state_dict.items() if k.startswith(BUNDLE_PREFIX)}
+def split_embedding_bundle(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(LoRA tensors, {bundle name: vectors}) of a kohya file; diffusers' LoRA loader rejects bundle keys.
+
+    The vectors are a tensor for SD 1.x/2.x and ``{"clip_l": tensor, "clip_g": tensor}`` for SDXL.
+    """
+    lora, bundles = {}, {}
+    for key, tensor in state_dict.items():
+        if not key.startswith(BUNDLE_PREFIX):
+            lora[key] = tensor
+            continue
+        name, _, part = key[len(BUNDLE_PREFIX):].partition(".")  # split at the first dot, as A1111 does
+        if part in SDXL_EMBEDDING_KEYS:
+            bundles.setdefault(name, {})[part] = tensor
+        else:
+            bundles[name] = tensor
     return lora, bundles
