@@ -75,6 +75,8 @@ def test_two_cpu_processes_equal_one_process_with_the_same_global_batch(model, s
     a, b = load_file(two / "pytorch_lora_weights.safetensors"), load_file(one / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)  # DDP sums gradients in another order
+        # DDP sums gradients in another order; Adam's normalisation magnifies that on near-zero gradients
+        # (lr 1e-3 x 4 steps moves weights by ~4e-3, so 3e-5 is under 1 % of a step's change)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=3e-5)
     # only the main process writes: one export, one checkpoint
     assert sorted(p.name for p in two.iterdir() if p.is_dir()) == ["checkpoint-4"]

@@ -230,10 +230,10 @@ def test_textual_inversion_files_load_in_diffusers_and_in_sdtune_generate(xl_ti_
     pngs = {}
     for kind, embedding in (("diffusers", folder), ("a1111", xl_ti_run.outputs["a1111"])):
         config = GenerateConfig(pretrained_model_name_or_path=str(tiny_sdxl_model), embedding=str(embedding),
-                                prompt="a <wsq>" if kind == "diffusers" else "a wsq", num_inference_steps=2,
+                                prompt="a <wsq>", num_inference_steps=2,
                                 output_dir=str(tmp_path / kind), scheduler="euler")
         pngs[kind] = list(Image.open(run_generate(config)[0]).getdata())
-    assert pngs["diffusers"] == pngs["a1111"]  # the same vectors, called by the token or by the file's name
+    assert pngs["diffusers"] == pngs["a1111"]  # the same vectors for the same token (the A1111 file keeps it in its metadata)
 
 
 def test_pivotal_tuning_bundles_both_vectors_in_the_kohya_file(tiny_sdxl_model, wide_images, tmp_path):
@@ -250,7 +250,8 @@ def test_pivotal_tuning_bundles_both_vectors_in_the_kohya_file(tiny_sdxl_model, 
     _, bundles = split_embedding_bundle(load_file(str(result.outputs["kohya"])))
     assert set(bundles) == {"wsq"} and set(bundles["wsq"]) == {"clip_l", "clip_g"}
     with safe_open(str(result.outputs["a1111_embedding"]), "pt") as f:
-        torch.testing.assert_close(f.get_tensor("clip_g"), bundles["wsq"]["clip_g"].float())
+        # the same vectors; the kohya file stores fp16
+        torch.testing.assert_close(f.get_tensor("clip_g"), bundles["wsq"]["clip_g"].float(), rtol=1e-3, atol=1e-4)
     assert result.outputs["embeddings_2"].is_file()
 
 
