@@ -107,7 +107,7 @@ def load_components(
             parts = _load_diffusers_layout(source, revision, variant, allow_pickle)
     if vae_name_or_path:
         with one_line_load_errors("--pretrained_vae_model_name_or_path", vae_name_or_path,
-                                   "pass a diffusers VAE folder (with config.json), a Hub id or a .safetensors VAE file"):
+                                   "pass a diffusers VAE folder (with config.json), a Hub id or a .safetensors VAE file", "the VAE"):
             parts["vae"] = _load_vae(vae_name_or_path, revision, allow_pickle)
     if tokenizer_name:
         parts["tokenizer"] = _load_tokenizer(tokenizer_name, revision)
@@ -137,7 +137,7 @@ def load_components(
 
 
 @contextmanager
-def one_line_load_errors(option: str, source: str, advice: str):
+def one_line_load_errors(option: str, source: str, advice: str, what: str = "the model"):
     """A missing or unreadable model as one line naming the option, not a loader traceback."""
     if _looks_like_local_path(source) and not Path(source).exists():
         raise ModelLoadError(f"{option} {source}: no such file or folder")
@@ -147,7 +147,7 @@ def one_line_load_errors(option: str, source: str, advice: str):
         raise
     except (OSError, ValueError, EnvironmentError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"{option} {source}: could not load it ({first_line}); {advice}") from None
+        raise ModelLoadError(f"{option} {source}: could not load {what} ({first_line}); {advice}") from None
 
 
 def _load_vae(source: str, revision: str | None, allow_pickle: bool) -> AutoencoderKL:

@@ -193,7 +193,8 @@ def _load_refiner(pipe, config, dtype: torch.dtype):
     if not hasattr(pipe, "text_encoder_2"):
         raise ConfigError(f"--refiner is for SDXL; {config.pretrained_model_name_or_path} is not an SDXL model")
     shared = dict(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2, vae=pipe.vae, torch_dtype=dtype)
-    with one_line_load_errors("--refiner", config.refiner, "pass an SDXL refiner folder, Hub id or .safetensors file"):
+    with one_line_load_errors("--refiner", config.refiner, "pass an SDXL refiner folder, Hub id or .safetensors file",
+                              "the refiner"):
         if Path(config.refiner).is_file():
             refiner = StableDiffusionXLImg2ImgPipeline.from_single_file(config.refiner, **shared)
         else:
