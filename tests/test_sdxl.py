@@ -129,7 +129,8 @@ def xl_lora_run(tiny_sdxl_model, wide_images, tmp_path_factory):
         pretrained_model_name_or_path=str(tiny_sdxl_model), instance_data_dir=str(wide_images),
         output_dir=str(tmp_path_factory.mktemp("xl-lora")), resolution=64, rank=4, learning_rate=5e-2, max_train_steps=4,
         train_batch_size=2, checkpointing_steps=0, report_to="none", seed=0, lora_targets="all", train_text_encoder=True,
-        text_encoder_lr=1e-2, text_encoder_2_lr=2e-2, random_flip=True,
+        text_encoder_lr=1e-2, text_encoder_2_lr=2e-2, random_flip=True, validation_prompt=PROMPT, num_validation_images=1,
+        validation_inference_steps=2, validation_steps=4,
     )
     return train_lora(config)
 
@@ -188,9 +189,10 @@ def test_sdtune_generate_reads_the_sdxl_lora(xl_lora_run, tiny_sdxl_model, tmp_p
     assert (images["diffusers"] - images["kohya"]).abs().mean() < 2.0  # 8-bit PNGs of an fp32 and an fp16 LoRA
 
 
-def test_model_card_uses_the_sdxl_pipeline(xl_lora_run):
+def test_model_card_uses_the_sdxl_pipeline_and_shows_the_validation_image(xl_lora_run):
     text = (xl_lora_run.output_dir / "README.md").read_text()
     assert "StableDiffusionXLPipeline.from_pretrained" in text and "stable-diffusion-xl" in text
+    assert (xl_lora_run.output_dir / "validation" / "step000004-00.png").is_file() and "step000004-00.png" in text
 
 
 # ----------------------------------------------------------------------------- textual inversion and pivotal tuning
@@ -373,3 +375,34 @@ def _sd_folder(tmp_path):
     from sdtune.toy import build_tiny_model
 
     return build_tiny_model(tmp_path / "sd-model")
+
+
+# ----------------------------------------------------------------------------- resume, validation, schedulers
+
+
+def test_sdxl_resume_equals_an_uninterrupted_run(xl_lora_config, tmp_path):
+    """Both text-encoder LoRAs and the pivotal embeddings of both encoders are in the checkpoint."""
+    config = dataclasses.replace(xl_lora_config, train_text_encoder=True, train_text_embeddings=True,
+                                 placeholder_token="<wsq>", initializer_token="square", instance_prompt="a <wsq>",
+                                 max_train_steps=4, random_flip=True)
+    whole = train_lora(dataclasses.replace(config, output_dir=str(tmp_path / "whole")))
+    first = dataclasses.replace(config, output_dir=str(tmp_path / "parts"), max_train_steps=2, checkpointing_steps=2)
+    train_lora(first)
+    resumed = train_lora(dataclasses.replace(first, max_train_steps=4, resume_from_checkpoint="latest"))
+    assert resumed.loss_history == pytest.approx(whole.loss_history, rel=1e-6)
+    with safe_open(str(tmp_path / "parts" / "checkpoint-2" / "trained.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert {"text_embeddings", "text_embeddings_2"} <= set(keys)
+    assert any(k.startswith("text_encoder_2.") for k in keys) and any(k.startswith("text_encoder.") for k in keys)
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "euler-a", "dpm++2m-karras", "unipc", "ddim"])
+def test_generate_runs_every_kind_of_scheduler_on_sdxl(scheduler, tiny_sdxl_model, tmp_path):
+    from sdtune.command_configs import GenerateConfig
+    from sdtune.sampling import run_generate
+
+    config = GenerateConfig(pretrained_model_name_or_path=str(tiny_sdxl_model), prompt=PROMPT, num_inference_steps=3,
+                            scheduler=scheduler, output_dir=str(tmp_path), num_images=2)
+    paths = run_generate(config)
+    assert len(paths) == 2 and Image.open(paths[0]).size == (64, 64)
+    assert list(Image.open(paths[0]).getdata()) != list(Image.open(paths[1]).getdata())  # seeds 0 and 1
