@@ -80,9 +80,9 @@ def sdxl_unet_module_names(unet) -> dict[str, str]:
     the added-conditioning MLP ``label_emb.0.0/2``. The names come from the blocks this UNet has
     (the single-file converter's map).
     """
-    from sdtune.single_file import _unet_names  # single_file imports this module
+    from sdtune.single_file import unet_original_names  # single_file imports this module
 
-    names = _unet_names(unet)
+    names = unet_original_names(unet)
     if getattr(unet, "add_embedding", None) is not None:  # SDXL's text_time conditioning MLP
         names.update({"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"})
     return names

@@ -85,7 +85,7 @@ def to_original_state_dict(unet, vae, text_encoder, text_encoder_layout: str = "
     if sdxl_unet != (text_encoder_2 is not None):
         raise ValueError("an SDXL UNet (addition_embed_type='text_time') is exported with its text_encoder_2, "
                          "and text_encoder_2 only with an SDXL UNet")
-    out = _rename(unet.state_dict(), _unet_names(unet), UNET_PREFIX)
+    out = _rename(unet.state_dict(), unet_original_names(unet), UNET_PREFIX)
     vae_weights = _rename(vae.state_dict(), _vae_names(vae), VAE_PREFIX)
     for key, tensor in vae_weights.items():
         if ".attn_1." in key and tensor.ndim == 2:  # linear [out, in] -> 1x1 conv [out, in, 1, 1]
@@ -195,7 +195,7 @@ def _add(names: dict[str, str], src: str, dst: str, parts: dict[str, str] | None
         names.update({f"{src}.{a}": f"{dst}.{b}" for a, b in parts.items()})
 
 
-def _unet_names(unet) -> dict[str, str]:
+def unet_original_names(unet) -> dict[str, str]:
     """diffusers module name -> LDM module name, for the blocks this UNet has."""
     names = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
              "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
