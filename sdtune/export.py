@@ -82,10 +82,7 @@ def sdxl_unet_module_names(unet) -> dict[str, str]:
     """
     from sdtune.single_file import unet_original_names  # single_file imports this module
 
-    names = unet_original_names(unet)
-    if getattr(unet, "add_embedding", None) is not None:  # SDXL's text_time conditioning MLP
-        names.update({"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"})
-    return names
+    return unet_original_names(unet)  # label_emb included for a text_time UNet
 
 
 def save_kohya_lora(
