@@ -60,12 +60,12 @@ THREADS = "2"
 PHASES = {
     "sdtune": [
         ("imports", r"\[bench\] imports done"),
-        ("model load + LoRA", r"Caching latents"),  # setup() loads the model, then builds the latent cache
-        ("caching + optimizer", r"training \d+ samples for \d+ steps"),  # latents, text embeddings, optimizer
+        ("model load", r"Caching latents"),  # setup() loads the model, adds the LoRA, then caches latents
+        ("caching + optimizer setup", r"training \d+ samples for \d+ steps"),  # latents, text embeddings, optimizer
     ],
     "diffusers": [
         ("imports", r"Distributed environment"),  # logged right after the Accelerator is made
-        ("model load + LoRA + setup", r"\*\*\*\*\* Running training \*\*\*\*\*"),
+        ("model load + data/optimizer setup", r"\*\*\*\*\* Running training \*\*\*\*\*"),
     ],
 }
 STEP_BAR = re.compile(r"(?:Training|Steps):\s+\d+%\|[^|]*\|\s*(\d+)/(\d+) ")
@@ -416,7 +416,11 @@ def main() -> None:
                     if not script:
                         raise SystemExit(f"--{method}_script is needed for diffusers' {method} run")
                     cmd = diffusers_command(args.ref_python, script, method, model, images_only, out, steps, resolution)
-                run = measure(tool, method, cmd, steps, out, logs)
+                try:
+                    run = measure(tool, method, cmd, steps, out, logs)
+                except RuntimeError as err:  # e.g. out of memory: report it, go on with the other runs
+                    print(f"FAILED: {err}", flush=True)
+                    continue
                 runs.append(run)
                 print(f"{method} {tool} {steps} steps: {run.wall_s:.1f} s, steady "
                       f"{run.steady_steps_per_s or 0:.3f} steps/s, peak RSS {run.peak_tree_rss_mib:.0f} MiB "
