@@ -120,6 +120,7 @@ class TrainConfig:
     adam_beta2: float = option(0.999, "Adam beta2.")
     adam_weight_decay: float = option(1e-2, "Weight decay.")
     adam_epsilon: float = option(1e-8, "Adam epsilon.")
+    fused_optimizer: bool = option(False, "AdamW's fused kernel (one kernel for all parameters; torch 2.4+ on the CPU).")
     max_grad_norm: float = option(1.0, "Clip gradients to this norm (0 turns clipping off).")
     set_grads_to_none: bool = option(True, "Free gradients after each step instead of zeroing them (saves memory).")
     mixed_precision: Literal["no", "fp16", "bf16", "auto"] | None = option(
@@ -127,6 +128,8 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
     allow_tf32: bool = option(False, "Allow TF32 matmuls on Ampere and newer GPUs (faster, slightly less precise).")
+    compile: bool = option(False, "torch.compile the UNet's repeated blocks (each block type compiles once; cached across runs).")
+    channels_last: bool = option(False, "Keep the UNet's weights and activations channels-last (faster convolutions on many devices).")
     snr_gamma: float | None = option(None, "Min-SNR weighting gamma (5.0 is the paper's value). Off by default.")
     noise_offset: float = option(0.0, "Noise offset strength (e.g. 0.05); 0 turns it off.")
 

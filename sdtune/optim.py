@@ -17,7 +17,8 @@ def build_optimizer(config: TrainConfig, param_groups: list[dict]) -> torch.opti
     """
     kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, lr=config.learning_rate, **kwargs)
+        # fused: one kernel updates every parameter (CUDA, and the CPU since torch 2.4); else torch's foreach default
+        return torch.optim.AdamW(param_groups, lr=config.learning_rate, fused=config.fused_optimizer or None, **kwargs)
     if config.optimizer == "adamw8bit":
         if not torch.cuda.is_available():
             raise ConfigError("--optimizer adamw8bit needs a CUDA GPU (bitsandbytes); on this machine use --optimizer adamw")

@@ -258,3 +258,31 @@ def test_frozen_text_encoders_leave_the_gpu_once_captions_are_cached(lora_config
         assert len(trainer.text_cache.entries) == before + 1
     finally:
         trainer.cleanup()
+
+
+@pytest.mark.parametrize("lever", [{"fused_optimizer": True}, {"channels_last": True}])
+def test_speed_levers_train_the_same_model(lora_config, tmp_path, lever):
+    """Fused AdamW and channels-last change how the step runs, not what it computes."""
+    plain = train_lora(dataclasses.replace(lora_config, output_dir=str(tmp_path / "plain")))
+    fast = train_lora(dataclasses.replace(lora_config, output_dir=str(tmp_path / "fast"), **lever))
+    assert fast.loss_history == pytest.approx(plain.loss_history, rel=1e-4, abs=1e-6)
+    a, b = load_file(plain.outputs["diffusers"]), load_file(fast.outputs["diffusers"])
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compile_compiles_the_repeated_blocks_and_trains_the_same_model(lora_config, tmp_path):
+    from sdtune.loop import COMPILED_BLOCKS
+
+    plain = train_lora(dataclasses.replace(lora_config, output_dir=str(tmp_path / "plain"), max_train_steps=2))
+    trainer = Trainer(dataclasses.replace(lora_config, output_dir=str(tmp_path / "compiled"), max_train_steps=2, compile=True),
+                      sdtune.LoRAMethod(lora_config))
+    trainer.setup()
+    try:
+        blocks = [m for m in trainer.components.unet.modules() if type(m).__name__ in COMPILED_BLOCKS]
+        assert blocks and all(getattr(m, "_compiled_call_impl", None) is not None for m in blocks)
+        result = trainer.train()
+    finally:
+        trainer.cleanup()
+    assert result.loss_history == pytest.approx(plain.loss_history, rel=1e-4, abs=1e-6)
