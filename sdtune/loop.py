@@ -30,6 +30,7 @@ from sdtune.data.training_data import build_training_data
 from sdtune.data.sources import find_records
 from sdtune.errors import ConfigError, TrainingDiverged
 from sdtune.export import follow_umask
+from sdtune.host_memory import reuse_freed_host_memory
 from sdtune.hub import push_to_hub
 from sdtune.model_card import write_training_card
 from sdtune.methods import Method
@@ -62,12 +63,14 @@ class TrainResult:
 def train(config: TrainConfig, method: Method) -> TrainResult:
     """Run ``method`` with ``config`` from start (or the checkpoint it names) to export."""
     trainer = Trainer(config, method)
-    try:
-        trainer.setup()
-        with logging_redirect_tqdm():  # log lines above the progress bar, not inside it
-            return trainer.train()
-    finally:
-        trainer.cleanup()
+    on_cpu = launch_device().type == "cpu"
+    with reuse_freed_host_memory(config.reuse_host_memory and on_cpu):
+        try:
+            trainer.setup()
+            with logging_redirect_tqdm():  # log lines above the progress bar, not inside it
+                return trainer.train()
+        finally:
+            trainer.cleanup()
 
 
 class Trainer:
