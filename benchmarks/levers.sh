@@ -1,18 +1,22 @@
 #!/bin/bash
-# Steady-state steps/s of `sdtune train-lora` on the SD 1.5 architecture (random weights), 256 px, rank 4,
-# batch 1, 16 steps, once per speed lever, in one invocation. MODEL and DATA come from vs_diffusers.py
+# Steady-state steps/s and peak RSS of `sdtune train-lora` on the SD 1.5 architecture (random weights), 256 px,
+# rank 4, batch 1, 16 steps, once per speed lever, in one invocation. MODEL and DATA come from vs_diffusers.py
 # (`python benchmarks/vs_diffusers.py --work W --build_model_only` style work folder: W/sd15-random, W/data-images).
 #   MODEL=/tmp/vsd-work/sd15-random DATA=/tmp/vsd-work/data-images bash benchmarks/levers.sh
+# LEVERS picks a subset, one lever per line, e.g. LEVERS=$'--reuse_host_memory false\n' (an empty line: the default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL="${MODEL:-/tmp/vsd-work/sd15-random}"
 DATA="${DATA:-/tmp/vsd-work/data-images}"
+LEVERS="${LEVERS:-$'--reuse_host_memory false\n\n--channels_last\n--fused_optimizer\n--compile'}"
 OUT="$(mktemp -d)"
-for lever in "" "--channels_last" "--fused_optimizer" "--compile"; do
+while IFS= read -r lever; do
   start=$(date +%s)
-  out=$(HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 PYTHONPATH="$PWD" python -m sdtune train-lora --rank 4 --learning_rate 1e-4 \
+  # shellcheck disable=SC2086  # a lever is an option and maybe its value
+  HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 PYTHONPATH="$PWD" /usr/bin/time -f "peak_rss_kib=%M" -o "$OUT/time" \
+    python -m sdtune train-lora --rank 4 --learning_rate 1e-4 \
     --pretrained_model_name_or_path "$MODEL" --instance_data_dir "$DATA" --instance_prompt "a sks shape" \
     --output_dir "$OUT/run" --resolution 256 --train_batch_size 1 --max_train_steps 16 --seed 0 --mixed_precision no \
-    --checkpointing_steps 0 --report_to none $lever 2>&1 | grep "^done")
-  echo "lever=[$lever] wall=$(( $(date +%s) - start ))s $out"
-done
+    --checkpointing_steps 0 --report_to none $lever > "$OUT/log" 2>&1
+  echo "lever=[$lever] wall=$(( $(date +%s) - start ))s $(cat "$OUT/time") $(grep "^done" "$OUT/log")"
+done <<< "$LEVERS"

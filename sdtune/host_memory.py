@@ -47,6 +47,13 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
+def release_freed_host_memory() -> None:
+    """Hand the heap's free pages back to the OS (e.g. the VAE's activations once latents are cached)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 @contextmanager
 def reuse_freed_host_memory(enabled: bool = True) -> Iterator[bool]:
     """Within the block, keep freed memory in the process for reuse; yield whether that took effect.

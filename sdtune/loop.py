@@ -30,7 +30,7 @@ from sdtune.data.training_data import build_training_data
 from sdtune.data.sources import find_records
 from sdtune.errors import ConfigError, TrainingDiverged
 from sdtune.export import follow_umask
-from sdtune.host_memory import reuse_freed_host_memory
+from sdtune.host_memory import release_freed_host_memory, reuse_freed_host_memory
 from sdtune.hub import push_to_hub
 from sdtune.model_card import write_training_card
 from sdtune.methods import Method
@@ -182,6 +182,7 @@ class Trainer:
             # and come back only for validation; a new caption (shuffled tags) is encoded where they are.
             for text_encoder in self.components.text_encoders:
                 text_encoder.to(parked_text_encoder_device(self.accelerator.device))
+        release_freed_host_memory()  # what caching freed is not the training step's working set
 
     def _setup_optimizer(self) -> None:
         config, accelerator = self.config, self.accelerator
