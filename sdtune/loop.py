@@ -258,6 +258,8 @@ class Trainer:
                 pending = []
             if checkpoint_due:
                 self.save_checkpoint()
+            if is_last:
+                self._free_optimizer_state()
             if config.validation_prompt and config.num_validation_images and (step % config.validation_steps == 0 or is_last):
                 self.validate()
         progress.close()
@@ -266,6 +268,13 @@ class Trainer:
             steps_per_second = (self.state.global_step - first_step - 1) / (time.perf_counter() - timer)
         outputs = self.export()
         return TrainResult(self.output_dir, outputs, self.state.global_step, list(self.state.loss_history), steps_per_second)
+
+    def _free_optimizer_state(self) -> None:
+        """After the last step (and its checkpoint): Adam's moments, twice the trained weights, are not needed
+        to validate or export, and would otherwise set the run's peak memory there."""
+        if self.accelerator.distributed_type != DistributedType.DEEPSPEED:  # ZeRO owns its partitions
+            self.optimizer.state.clear()
+            release_freed_host_memory()
 
     def _stop_finished_groups(self) -> None:
         """Parameter groups a method stopped (e.g. --stop_text_encoder_training) get lr 0 from now on.

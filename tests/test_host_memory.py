@@ -34,14 +34,14 @@ def _rss_returned_by_freeing_a_block() -> float:
 
 @glibc_only
 def test_a_freed_block_stays_in_the_process_inside_and_goes_back_after():
-    assert _rss_returned_by_freeing_a_block() > BLOCK_MIB * 0.9  # malloc's default: unmapped at once
+    # (Outside, whether a freed block leaves at once depends on what the heap already holds, so only
+    # the two deterministic halves are asserted.)
     with reuse_freed_host_memory() as applied:
         assert applied
-        kept = [_rss_returned_by_freeing_a_block() for _ in range(2)]
+        kept = [_rss_returned_by_freeing_a_block() for _ in range(3)]
         held = _rss_mib()
     assert max(kept) < BLOCK_MIB * 0.1  # kept for the next step, which reuses it
     assert held - _rss_mib() > BLOCK_MIB * 0.9  # trimmed on exit
-    assert _rss_returned_by_freeing_a_block() > BLOCK_MIB * 0.9  # defaults restored
 
 
 def test_disabled_or_without_glibc_it_changes_nothing(monkeypatch):

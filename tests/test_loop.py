@@ -286,3 +286,17 @@ def test_compile_compiles_the_repeated_blocks_and_trains_the_same_model(lora_con
     finally:
         trainer.cleanup()
     assert result.loss_history == pytest.approx(plain.loss_history, rel=1e-4, abs=1e-6)
+
+
+def test_adam_state_is_checkpointed_at_the_last_step_then_freed_before_export(lora_config, tmp_path):
+    config = dataclasses.replace(lora_config, max_train_steps=2, checkpointing_steps=2, output_dir=str(tmp_path / "out"))
+    trainer = Trainer(config, sdtune.LoRAMethod(config))
+    trainer.setup()
+    try:
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    assert len(trainer.optimizer.state) == 0  # twice the trained weights, not held while exporting
+    saved = load_file(str(tmp_path / "out" / "checkpoint-2" / "optimizer.safetensors"))
+    moments = [tensor for key, tensor in saved.items() if key.endswith((".exp_avg", ".exp_avg_sq"))]
+    assert moments and all(tensor.abs().sum() > 0 for tensor in moments)
