@@ -4,7 +4,7 @@ One invocation builds SD 1.5 (UNet 860 M, VAE, CLIP ViT-L text encoder) with ran
 work folder (seeded, never committed), renders one small image folder, and times each tool as its
 own process: sdtune's `train-lora` against `train_dreambooth_lora.py`, and optionally sdtune's
 `train-dreambooth` against `train_dreambooth.py`, with matching flags (rank 4, batch 1, 256 px,
-seed 0, fp32, no checkpoints, no validation, no tracker).
+seed 0, fp32 (or both bf16 with --mixed_precision bf16), no checkpoints, no validation, no tracker).
 
 diffusers' scripts need torchvision, which does not import beside sdtune's torch, so they run in a
 separate "reference" venv with a torch/torchvision pair that imports together and the same
@@ -188,24 +188,25 @@ def child_env(tool: str) -> dict:
     return env
 
 
-def sdtune_command(method: str, model: Path, data: Path, out: Path, steps: int, resolution: int) -> list[str]:
+def sdtune_command(method: str, model: Path, data: Path, out: Path, steps: int, resolution: int,
+                   precision: str) -> list[str]:
     """`sdtune train-lora` / `train-dreambooth` (full fine-tune) with the flags that match diffusers' scripts."""
     specific = {"lora": ["train-lora", "--rank", "4", "--learning_rate", "1e-4"],
                 "dreambooth": ["train-dreambooth", "--learning_rate", "5e-6"]}[method]
     return [sys.executable, "-c", SDTUNE_BOOTSTRAP, *specific, "--pretrained_model_name_or_path", str(model),
             "--instance_data_dir", str(data), "--instance_prompt", PROMPT, "--output_dir", str(out),
             "--resolution", str(resolution), "--train_batch_size", "1", "--max_train_steps", str(steps),
-            "--seed", str(SEED), "--mixed_precision", "no", "--checkpointing_steps", "0", "--report_to", "none"]
+            "--seed", str(SEED), "--mixed_precision", precision, "--checkpointing_steps", "0", "--report_to", "none"]
 
 
 def diffusers_command(ref_python: str, script: str, method: str, model: Path, data: Path, out: Path, steps: int,
-                      resolution: int) -> list[str]:
+                      resolution: int, precision: str) -> list[str]:
     """diffusers' example script, run as `python script.py` (one process, as `accelerate launch` on one CPU)."""
     specific = {"lora": ["--rank", "4", "--learning_rate", "1e-4"], "dreambooth": ["--learning_rate", "5e-6"]}[method]
     return [ref_python, script, *specific, "--pretrained_model_name_or_path", str(model),
             "--instance_data_dir", str(data), "--instance_prompt", PROMPT, "--output_dir", str(out),
             "--resolution", str(resolution), "--train_batch_size", "1", "--max_train_steps", str(steps),
-            "--seed", str(SEED), "--mixed_precision", "no", "--checkpointing_steps", "1000000",
+            "--seed", str(SEED), "--mixed_precision", precision, "--checkpointing_steps", "1000000",
             "--report_to", "tensorboard"]  # tensorboard is not installed there: no tracker is set up
 
 
@@ -365,6 +366,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lora_steps", nargs="+", type=int, default=[8, 100])
     parser.add_argument("--dreambooth_steps", nargs="+", type=int, default=[4, 12])
     parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16"],
+                        help="both tools' --mixed_precision (bf16: frozen weights in bf16, autocast; for AMX CPUs)")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--work", help="work folder (default: a new temporary one); the model is reused if there")
     parser.add_argument("--json", help="write every run's numbers here as well (after each run)")
@@ -407,22 +410,24 @@ def main() -> None:
     runs: list[Run] = []
     for method in args.methods:
         script = args.lora_script if method == "lora" else args.dreambooth_script
+        label = method if args.mixed_precision == "no" else f"{method}-{args.mixed_precision}"
         for steps in (args.lora_steps if method == "lora" else args.dreambooth_steps):
             for tool in args.tools:
-                out = work / f"out-{method}-{tool}-{steps}"
+                out = work / f"out-{label}-{tool}-{steps}"
                 if tool == "sdtune":
-                    cmd = sdtune_command(method, model, captioned, out, steps, resolution)
+                    cmd = sdtune_command(method, model, captioned, out, steps, resolution, args.mixed_precision)
                 else:
                     if not script:
                         raise SystemExit(f"--{method}_script is needed for diffusers' {method} run")
-                    cmd = diffusers_command(args.ref_python, script, method, model, images_only, out, steps, resolution)
+                    cmd = diffusers_command(args.ref_python, script, method, model, images_only, out, steps, resolution,
+                                            args.mixed_precision)
                 try:
-                    run = measure(tool, method, cmd, steps, out, logs)
+                    run = measure(tool, label, cmd, steps, out, logs)
                 except RuntimeError as err:  # e.g. out of memory: report it, go on with the other runs
                     print(f"FAILED: {err}", flush=True)
                     continue
                 runs.append(run)
-                print(f"{method} {tool} {steps} steps: {run.wall_s:.1f} s, steady "
+                print(f"{label} {tool} {steps} steps: {run.wall_s:.1f} s, steady "
                       f"{run.steady_steps_per_s or 0:.3f} steps/s, peak RSS {run.peak_tree_rss_mib:.0f} MiB "
                       f"(wait4 {run.peak_rss_wait4_mib:.0f}); {run.phases}", flush=True)
                 if args.json:
