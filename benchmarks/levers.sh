@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL="${MODEL:-/tmp/vsd-work/sd15-random}"
 DATA="${DATA:-/tmp/vsd-work/data-images}"
-LEVERS="${LEVERS:-$'--reuse_host_memory false\n\n--channels_last\n--fused_optimizer\n--compile'}"
+LEVERS="${LEVERS:-$'--reuse_host_memory false\n\n--channels_last\n--fused_optimizer\n--dataloader_num_workers 2\n--mixed_precision bf16\n--compile'}"
 OUT="$(mktemp -d)"
 while IFS= read -r lever; do
   start=$(date +%s)

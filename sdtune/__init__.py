@@ -8,8 +8,24 @@ Names are imported on first use, so `sdtune --help` does not pay for importing t
 """
 
 import importlib
+import logging
 
 __version__ = "0.1.0"
+
+
+class _NoTorchvisionFallbackNotice(logging.Filter):
+    """Drop transformers' "`XImageProcessor` requires torchvision; falling back to `XImageProcessorPil`".
+
+    sdtune runs without torchvision on purpose (PIL and torch do its transforms), and the PIL
+    image processors are the ones it wants; the notice appeared at every start, because
+    importing diffusers' pipelines touches CLIP's and SigLIP's image processors.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionFallbackNotice())
 
 _EXPORTS = {
     "Components": "sdtune.models",

@@ -80,3 +80,19 @@ def test_two_cpu_processes_equal_one_process_with_the_same_global_batch(model, s
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=3e-5)
     # only the main process writes: one export, one checkpoint
     assert sorted(p.name for p in two.iterdir() if p.is_dir()) == ["checkpoint-4"]
+
+
+def test_start_up_prints_no_torchvision_fallback_notice(tmp_path):
+    # transformers notes at import that each image processor falls back to its PIL twin without
+    # torchvision; sdtune does without torchvision on purpose, so the notice is only noise.
+    code = "import {}; from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline"
+    try:
+        import torchvision  # noqa: F401
+        pytest.skip("torchvision is installed here: transformers has nothing to fall back from")
+    except Exception:
+        pass
+    notice = "requires torchvision (not installed)"
+    without_sdtune = _run([sys.executable, "-c", code.format("transformers")], cwd=tmp_path, HF_HUB_OFFLINE="1")
+    assert notice in without_sdtune.stderr  # the control: what users saw before
+    with_sdtune = _run([sys.executable, "-c", code.format("sdtune.api")], cwd=REPO, HF_HUB_OFFLINE="1")
+    assert notice not in with_sdtune.stderr
