@@ -120,7 +120,10 @@ class TrainConfig:
     adam_beta2: float = option(0.999, "Adam beta2.")
     adam_weight_decay: float = option(1e-2, "Weight decay.")
     adam_epsilon: float = option(1e-8, "Adam epsilon.")
-    fused_optimizer: bool = option(False, "AdamW's fused kernel (one kernel for all parameters; torch 2.4+ on the CPU).")
+    fused_optimizer: bool | None = option(
+        None, "AdamW's fused kernel: one kernel updates every parameter (torch 2.4+ on the CPU). Default: on when "
+        "training on the CPU with torch 2.4+ (SD 1.5's UNet updated in 0.5 s instead of 1.7-3.2 s), torch's choice on GPUs.",
+        default_text="auto")
     max_grad_norm: float = option(1.0, "Clip gradients to this norm (0 turns clipping off).")
     set_grads_to_none: bool = option(True, "Free gradients after each step instead of zeroing them (saves memory).")
     mixed_precision: Literal["no", "fp16", "bf16", "auto"] | None = option(

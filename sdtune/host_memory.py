@@ -12,6 +12,9 @@ tuning guide suggests for the same reason, would need ``LD_PRELOAD`` before Pyth
 Only glibc has ``mallopt``; elsewhere (macOS, musl) this does nothing. On a GPU the activations
 live in CUDA memory, which PyTorch's caching allocator already reuses, so the loop turns this on
 only when it trains on the CPU.
+
+``copy_out_of_mapped_files`` is the other side of the same cost: trained weights that still sit in
+the model file's memory mapping are copied out before the first step writes them.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import platform
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -75,3 +80,18 @@ def reuse_freed_host_memory(enabled: bool = True) -> Iterator[bool]:
         libc.mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
         libc.mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
         libc.malloc_trim(0)
+
+
+def copy_out_of_mapped_files(params: Iterable[torch.Tensor]) -> None:
+    """Give each CPU parameter memory of its own, in place of its view of the model file.
+
+    ``from_pretrained`` leaves CPU weights as views of the memory-mapped safetensors file, mapped
+    copy-on-write. Frozen weights are only read, which is what the mapping is good at; a trained
+    weight is written by the first optimizer step, and the kernel then copies it one 4 KiB page
+    per fault: SD 1.5's UNet took 15-20 s longer in its first full fine-tuning step on a 2-core
+    VM, where copying it up front takes 0.9 s. Parameters on a GPU were copied there already.
+    """
+    with torch.no_grad():
+        for param in params:
+            if param.device.type == "cpu":
+                param.data = param.data.clone()

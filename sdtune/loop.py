@@ -30,7 +30,7 @@ from sdtune.data.training_data import build_training_data
 from sdtune.data.sources import find_records
 from sdtune.errors import ConfigError, TrainingDiverged
 from sdtune.export import follow_umask
-from sdtune.host_memory import release_freed_host_memory, reuse_freed_host_memory
+from sdtune.host_memory import copy_out_of_mapped_files, release_freed_host_memory, reuse_freed_host_memory
 from sdtune.hub import push_to_hub
 from sdtune.model_card import write_training_card
 from sdtune.methods import Method
@@ -159,6 +159,7 @@ class Trainer:
                 seed=config.seed,
             )
         self.param_groups = self.method.prepare(self.components)
+        copy_out_of_mapped_files(p for group in self.param_groups for p in group["params"])
         if config.channels_last:  # convolutions read NHWC; the inputs follow the weights' format
             self.components.unet.to(memory_format=torch.channels_last)
         if config.compile:

@@ -10,6 +10,7 @@ import platform
 import pytest
 import torch
 
+import sdtune
 import sdtune.loop
 from sdtune import train_lora
 from sdtune.host_memory import reuse_freed_host_memory
@@ -64,3 +65,39 @@ def test_training_on_the_cpu_runs_inside_it_unless_turned_off(lora_config, tmp_p
     train_lora(dataclasses.replace(lora_config, output_dir=str(tmp_path / "on"), max_train_steps=1))
     train_lora(dataclasses.replace(lora_config, output_dir=str(tmp_path / "off"), max_train_steps=1, reuse_host_memory=False))
     assert requested == [True, False]
+
+
+def _mapped_ranges(path_suffix: str) -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of files whose path ends with ``path_suffix``."""
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[-1].endswith(path_suffix):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+def _in_mapped_file(tensor: torch.Tensor, ranges) -> bool:
+    return any(start <= tensor.data_ptr() < end for start, end in ranges)
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/self/maps")
+def test_trained_weights_leave_the_model_files_mapping_and_frozen_weights_stay(tiny_model, shapes_dir, tmp_path):
+    # The first optimizer step would otherwise copy each trained weight page by page on write faults.
+    config = sdtune.DreamBoothConfig(
+        pretrained_model_name_or_path=str(tiny_model), instance_data_dir=str(shapes_dir), instance_prompt="a sks shape",
+        output_dir=str(tmp_path / "out"), resolution=64, max_train_steps=1, checkpointing_steps=0, report_to="none")
+    trainer = sdtune.loop.Trainer(config, sdtune.DreamBoothMethod(config))
+    trainer.setup()
+    try:
+        unet_file = _mapped_ranges("unet/diffusion_pytorch_model.safetensors")
+        vae_file = _mapped_ranges("vae/diffusion_pytorch_model.safetensors")
+        frozen = list(trainer.components.vae.parameters())
+        assert vae_file and all(_in_mapped_file(p, vae_file) for p in frozen)  # the control: loading maps the file
+        trained = list(trainer.components.unet.parameters())
+        assert trained and all(p.requires_grad for p in trained)
+        assert not any(_in_mapped_file(p, unet_file) for p in trained)
+    finally:
+        trainer.cleanup()

@@ -11,10 +11,12 @@ from safetensors.torch import load_file
 
 import sdtune
 import sdtune.loop
+import sdtune.optim
 from sdtune import train_lora
 from sdtune.checkpoint import list_checkpoints, resolve_checkpoint
 from sdtune.errors import ConfigError, SdtuneError, TrainingDiverged
 from sdtune.loop import Trainer
+from sdtune.optim import build_optimizer
 
 EXPECTED_LOSSES = Path(__file__).parent / "data" / "expected_losses.json"
 
@@ -167,6 +169,20 @@ def test_bf16_keeps_trained_weights_in_fp32(lora_config):
         trainer.cleanup()
 
 
+def test_adamw_is_fused_on_the_cpu_unless_turned_off(lora_config):
+    params = [{"params": [torch.nn.Parameter(torch.zeros(3))]}]
+    assert build_optimizer(lora_config, params).defaults["fused"] is True
+    assert not build_optimizer(dataclasses.replace(lora_config, fused_optimizer=False), params).defaults["fused"]
+
+
+def test_fused_adamw_before_torch_2_4_falls_back_by_default_and_is_refused_when_asked(lora_config, monkeypatch):
+    monkeypatch.setattr(sdtune.optim, "_torch_version", lambda: (2, 3))  # fused AdamW came to the CPU in 2.4
+    params = [{"params": [torch.nn.Parameter(torch.zeros(3))]}]
+    assert build_optimizer(lora_config, params).defaults["fused"] is None
+    with pytest.raises(ConfigError, match=r"^--fused_optimizer true needs torch 2.4 or newer on the CPU"):
+        build_optimizer(dataclasses.replace(lora_config, fused_optimizer=True), params)
+
+
 def test_adamw8bit_without_cuda_explains_itself(lora_config):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -260,9 +276,10 @@ def test_frozen_text_encoders_leave_the_gpu_once_captions_are_cached(lora_config
         trainer.cleanup()
 
 
-@pytest.mark.parametrize("lever", [{"fused_optimizer": True}, {"channels_last": True}, {"reuse_host_memory": False}])
+@pytest.mark.parametrize("lever", [{"fused_optimizer": False}, {"channels_last": True}, {"reuse_host_memory": False}])
 def test_speed_levers_train_the_same_model(lora_config, tmp_path, lever):
-    """Fused AdamW, channels-last and malloc's thresholds change how the step runs, not what it computes."""
+    """AdamW's kernel (fused by default on the CPU), channels-last and malloc's thresholds change how the
+    step runs, not what it computes."""
     plain = train_lora(dataclasses.replace(lora_config, output_dir=str(tmp_path / "plain")))
     fast = train_lora(dataclasses.replace(lora_config, output_dir=str(tmp_path / "fast"), **lever))
     assert fast.loss_history == pytest.approx(plain.loss_history, rel=1e-4, abs=1e-6)
