@@ -17,8 +17,9 @@ class _NoTorchvisionFallbackNotice(logging.Filter):
     """Drop transformers' "`XImageProcessor` requires torchvision; falling back to `XImageProcessorPil`".
 
     sdtune runs without torchvision on purpose (PIL and torch do its transforms), and the PIL
-    image processors are the ones it wants; the notice appeared at every start, because
-    importing diffusers' pipelines touches CLIP's and SigLIP's image processors.
+    image processors are the ones it wants. Where optional packages such as `kernels` are
+    installed, importing diffusers' pipelines looks up CLIP's and SigLIP's image processors, and
+    the notice then appeared at every start.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
