@@ -19,7 +19,8 @@ class _NoTorchvisionFallbackNotice(logging.Filter):
     sdtune runs without torchvision on purpose (PIL and torch do its transforms), and the PIL
     image processors are the ones it wants. Where optional packages such as `kernels` are
     installed, importing diffusers' pipelines looks up CLIP's and SigLIP's image processors, and
-    the notice then appeared at every start.
+    the notice then appeared at every `import sdtune.api`. (The CLI lowers transformers'
+    verbosity altogether; this is for the Python API.)
     """
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -82,7 +82,7 @@ def test_two_cpu_processes_equal_one_process_with_the_same_global_batch(model, s
     assert sorted(p.name for p in two.iterdir() if p.is_dir()) == ["checkpoint-4"]
 
 
-def test_start_up_prints_no_torchvision_fallback_notice(tmp_path):
+def test_importing_sdtune_prints_no_torchvision_fallback_notice(tmp_path):
     # Without torchvision, transformers notes that an image processor falls back to its PIL twin when
     # the name is first looked up (diffusers' pipeline modules do it when some optional packages,
     # e.g. `kernels`, are installed); sdtune does without torchvision on purpose, so it is noise.
@@ -93,7 +93,10 @@ def test_start_up_prints_no_torchvision_fallback_notice(tmp_path):
     except Exception:
         pass
     notice = "requires torchvision (not installed)"
-    without_sdtune = _run([sys.executable, "-c", code.format("transformers")], cwd=tmp_path, HF_HUB_OFFLINE="1")
+    # transformers' default verbosity, as in a user's Python session (the CLI lowers it, and a CLI test
+    # run in this process may have set TRANSFORMERS_VERBOSITY for the processes it starts)
+    env = dict(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="warning")
+    without_sdtune = _run([sys.executable, "-c", code.format("transformers")], cwd=tmp_path, **env)
     assert notice in without_sdtune.stderr  # the control: what users saw before
-    with_sdtune = _run([sys.executable, "-c", code.format("sdtune.api")], cwd=REPO, HF_HUB_OFFLINE="1")
+    with_sdtune = _run([sys.executable, "-c", code.format("sdtune.api")], cwd=REPO, **env)
     assert notice not in with_sdtune.stderr
