@@ -44,18 +44,16 @@ def _fused_adamw(config: TrainConfig, param_groups: list[dict]) -> bool | None:
     on a 2-core CPU (benchmarks/README.md). On GPUs torch's foreach default stays: unmeasured here.
     """
     on_cpu = all(p.device.type == "cpu" for group in param_groups for p in group["params"])
-    fused_on_cpu = _torch_version() >= (2, 4)
     if config.fused_optimizer is None:
-        return True if on_cpu and fused_on_cpu else None
-    if config.fused_optimizer and on_cpu and not fused_on_cpu:
+        return True if on_cpu and _torch_has_fused_adamw_on_cpu() else None
+    if config.fused_optimizer and on_cpu and not _torch_has_fused_adamw_on_cpu():
         raise ConfigError(f"--fused_optimizer true needs torch 2.4 or newer on the CPU (this is {torch.__version__}); "
                           "upgrade torch or leave the option out")
     return config.fused_optimizer or None
 
 
-def _torch_version() -> tuple[int, int]:
-    major, minor = torch.__version__.split(".")[:2]
-    return int(major), int(minor)
+def _torch_has_fused_adamw_on_cpu() -> bool:
+    return torch.__version__ >= (2, 4)  # a TorchVersion: compares as a version, local tags included
 
 
 def build_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):

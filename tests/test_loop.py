@@ -176,7 +176,7 @@ def test_adamw_is_fused_on_the_cpu_unless_turned_off(lora_config):
 
 
 def test_fused_adamw_before_torch_2_4_falls_back_by_default_and_is_refused_when_asked(lora_config, monkeypatch):
-    monkeypatch.setattr(sdtune.optim, "_torch_version", lambda: (2, 3))  # fused AdamW came to the CPU in 2.4
+    monkeypatch.setattr(sdtune.optim, "_torch_has_fused_adamw_on_cpu", lambda: False)  # torch before 2.4
     params = [{"params": [torch.nn.Parameter(torch.zeros(3))]}]
     assert build_optimizer(lora_config, params).defaults["fused"] is None
     with pytest.raises(ConfigError, match=r"^--fused_optimizer true needs torch 2.4 or newer on the CPU"):
