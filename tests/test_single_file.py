@@ -30,6 +30,15 @@ def _image(pipe):
     return torch.from_numpy(out.images)
 
 
+def _assert_same_image(want: torch.Tensor, got: torch.Tensor) -> None:
+    """Images of two pipelines with bit-identical weights (checked before this), built by different code.
+
+    Not bit-identical themselves: the reloaded modules may run other CPU kernels (1.5e-6 apart on an
+    AVX-512 machine); 1e-4 is still far below one 8-bit level of a saved image (3.9e-3).
+    """
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def exported(tiny_model, tmp_path_factory):
     """The tiny model with every weight nudged (so reloads cannot pass by reading the folder), saved in fp32."""
@@ -48,7 +57,7 @@ def test_round_trip_through_from_single_file(exported, tiny_model):
     components, path = exported
     reloaded = StableDiffusionPipeline.from_single_file(str(path), config=str(tiny_model), safety_checker=None)
     _assert_same_weights(components, reloaded)
-    assert torch.equal(_image(components.pipeline()), _image(reloaded))
+    _assert_same_image(_image(components.pipeline()), _image(reloaded))
 
 
 def test_key_layout(exported):
@@ -232,7 +241,7 @@ def test_sdxl_round_trip_through_from_single_file(sdxl_exported):
         assert want.keys() == got.keys(), name
         for key in want:
             assert torch.equal(want[key], got[key]), f"{name}.{key}"
-    assert torch.equal(_image(pipe), _image(reloaded))
+    _assert_same_image(_image(pipe), _image(reloaded))
 
 
 def test_sdxl_key_layout(tiny_sdxl_model):
