@@ -8,7 +8,7 @@ steps equals 4 steps exactly. Nothing here is pickled, so loading a checkpoint c
 Layout of ``output_dir/checkpoint-<step>/``:
     trained.safetensors    method.state_dict()
     optimizer.safetensors  optimizer state tensors, keyed "<param index>.<name>"
-    trainer_state.json     step, losses, optimizer hyper-parameters, scheduler and scaler state
+    trainer_state.json     step, losses, optimizer hyper-parameters, scheduler and scaler state, the run's identity
     + the method's loadable outputs at that step: LoRA files (``pipe.load_lora_weights(folder)``),
       ``unet/`` and ``text_encoder/`` (``from_pretrained``; the EMA weights with --use_ema), embeddings
 """
@@ -42,12 +42,13 @@ class TrainerState:
 
 def save_checkpoint(
     output_dir: Path, state: TrainerState, trained: dict[str, torch.Tensor], optimizer, lr_scheduler, scaler=None,
-    total_limit: int | None = None, write_outputs: Callable[[Path], None] | None = None,
+    total_limit: int | None = None, write_outputs: Callable[[Path], None] | None = None, run: dict | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` through a temporary folder renamed at the end (main process only).
 
     ``write_outputs(folder)`` adds the method's loadable files (LoRA files, ``unet/``, embeddings)
-    to the temporary folder, so a checkpoint holds them only when it is complete.
+    to the temporary folder, so a checkpoint holds them only when it is complete. ``run`` records
+    which run wrote it (sdtune.run_identity).
     """
     final = output_dir / f"checkpoint-{state.global_step}"
     tmp = output_dir / f".checkpoint-{state.global_step}.tmp"
@@ -64,6 +65,7 @@ def save_checkpoint(
         "optimizer": optimizer_json,
         "lr_scheduler": lr_scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
+        "run": run,
     }
     (tmp / STATE_FILE).write_text(json.dumps(payload))  # written last: its presence marks a complete checkpoint
     if final.exists():
@@ -108,6 +110,11 @@ def load_checkpoint(path: Path, optimizer, lr_scheduler, scaler=None) -> tuple[T
         scaler.load_state_dict(payload["scaler"])
     state = TrainerState(global_step=payload["global_step"], loss_history=payload["loss_history"])
     return state, load_file(str(path / "trained.safetensors"))
+
+
+def saved_run(path: Path) -> dict | None:
+    """The run identity a checkpoint recorded (None for checkpoints of older sdtune versions)."""
+    return json.loads((path / STATE_FILE).read_text()).get("run")
 
 
 def _restore_schedule(lr_scheduler, optimizer, saved: dict) -> None:

@@ -141,6 +141,8 @@ class TrainConfig:
     checkpointing_steps: int = option(500, "Save a resumable checkpoint every N steps (0: never).")
     checkpoints_total_limit: int | None = option(None, "Keep at most this many checkpoints (oldest removed first).")
     resume_from_checkpoint: str | None = option(None, "'latest' or a checkpoint folder to resume from.")
+    overwrite_output_dir: bool = option(
+        False, "Start anew in an --output_dir that holds an earlier run's checkpoints, deleting them (without it, such a folder is refused).")
     validation_prompt: str | None = option(None, "Prompt for validation images (none: no validation).")
     num_validation_images: int = option(4, "Validation images per prompt (0: no validation).")
     validation_steps: int = option(100, "Make validation images every N steps (and at the end).")

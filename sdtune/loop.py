@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sdtune import checkpoint as ckpt
-from sdtune import diffusion
+from sdtune import diffusion, run_identity
 from sdtune.config import TrainConfig, check_ready_to_train, resolve_epochs
 from sdtune.data.cache import TextEmbeddingCache
 from sdtune.data.class_images import ensure_class_images
@@ -79,6 +79,9 @@ class Trainer:
         self.config = config
         self.method = method
         self.output_dir = Path(config.output_dir)
+        # before any work: a new run never lands among an earlier run's checkpoints (latest would reach them)
+        self._earlier_checkpoints = run_identity.check_output_dir(
+            self.output_dir, resuming=bool(config.resume_from_checkpoint), overwrite=config.overwrite_output_dir)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -104,8 +107,10 @@ class Trainer:
         if config.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
         if self.accelerator.is_main_process:
+            run_identity.clear_checkpoints(self._earlier_checkpoints)
             self.output_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.output_dir / CONFIG_FILE)
+        self.accelerator.wait_for_everyone()
         data_dir = config.instance_data_dir or config.train_data_dir
         if config.caption_missing:
             self._caption_missing(data_dir)
@@ -175,6 +180,7 @@ class Trainer:
         data = build_training_data(config, records, self.components, self.accelerator,
                                    default_caption=self.method.default_caption, caption_transform=self.method.transform_caption)
         self.sampler, self.dataloader, self.num_samples = data.sampler, data.dataloader, data.num_instance
+        self.data_fingerprint = run_identity.data_fingerprint(data.samples)
         self.text_cache = None
         if config.cache_text_embeddings and not self.method.trains_text_encoder:
             self.text_cache = TextEmbeddingCache(self._encode_captions)
@@ -215,9 +221,14 @@ class Trainer:
         except (ValueError, KeyError) as err:  # e.g. another --optimizer, or parameter groups
             raise ConfigError(f"--resume_from_checkpoint {path}: its optimizer state does not fit this run "
                               f"({' '.join(str(err).split())[:120]}); resume with the settings it was saved with") from None
+        run_identity.check_resume(path, ckpt.saved_run(path), self._run_identity(), self.state.global_step,
+                                  self.config.max_train_steps)
         self.method.load_state_dict(self.components, trained)
         self._stop_finished_groups()
         logger.info("resumed from %s at step %d", path, self.state.global_step)
+
+    def _run_identity(self) -> dict:
+        return run_identity.run_identity(self.config.to_dict(), self.data_fingerprint)
 
     # ------------------------------------------------------------------ train
     def train(self) -> TrainResult:
@@ -380,6 +391,7 @@ class Trainer:
                 self.lr_scheduler, self.accelerator.scaler, total_limit=self.config.checkpoints_total_limit,
                 # the method's loadable files too (LoRA files, unet/, embeddings), as diffusers users expect
                 write_outputs=lambda folder: self.method.export_checkpoint(self.components, folder),
+                run=self._run_identity(),
             )
             logger.info("saved %s", path)
         self.accelerator.wait_for_everyone()
