@@ -19,3 +19,7 @@ class ModelLoadError(SdtuneError):
 
 class TrainingDiverged(SdtuneError):
     """The loss became NaN or infinite."""
+
+
+class ExportFailed(SdtuneError):
+    """Training finished but writing its outputs failed; the trained weights are kept in a checkpoint."""

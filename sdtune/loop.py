@@ -28,7 +28,7 @@ from sdtune.data.cache import TextEmbeddingCache
 from sdtune.data.class_images import ensure_class_images
 from sdtune.data.training_data import build_training_data
 from sdtune.data.sources import find_records
-from sdtune.errors import ConfigError, TrainingDiverged
+from sdtune.errors import ConfigError, ExportFailed, TrainingDiverged
 from sdtune.export import follow_umask
 from sdtune.host_memory import copy_out_of_mapped_files, release_freed_host_memory, reuse_freed_host_memory
 from sdtune.hub import push_to_hub
@@ -386,15 +386,18 @@ class Trainer:
         """Every process reaches here together; only the main process writes."""
         path = None
         if self.accelerator.is_main_process:
-            path = ckpt.save_checkpoint(
-                self.output_dir, self.state, self.method.state_dict(self.components), self.optimizer,
-                self.lr_scheduler, self.accelerator.scaler, total_limit=self.config.checkpoints_total_limit,
-                # the method's loadable files too (LoRA files, unet/, embeddings), as diffusers users expect
-                write_outputs=lambda folder: self.method.export_checkpoint(self.components, folder),
-                run=self._run_identity(),
-            )
-            logger.info("saved %s", path)
+            # the method's loadable files too (LoRA files, unet/, embeddings), as diffusers users expect
+            path = self._write_checkpoint(lambda folder: self.method.export_checkpoint(self.components, folder))
         self.accelerator.wait_for_everyone()
+        return path
+
+    def _write_checkpoint(self, write_outputs=None) -> Path:
+        path = ckpt.save_checkpoint(
+            self.output_dir, self.state, self.method.state_dict(self.components), self.optimizer, self.lr_scheduler,
+            self.accelerator.scaler, total_limit=self.config.checkpoints_total_limit, write_outputs=write_outputs,
+            run=self._run_identity(),
+        )
+        logger.info("saved %s", path)
         return path
 
     def validate(self) -> None:
@@ -436,7 +439,7 @@ class Trainer:
         outputs: dict[str, Path] = {}
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            outputs = self.method.export(self.components, self.output_dir)
+            outputs = self._export_or_keep_weights()
             outputs["config"] = self.output_dir / CONFIG_FILE
             samples = sorted((self.output_dir / "validation").glob(f"step{self.state.global_step:06d}-*.png"))
             outputs["model_card"] = write_training_card(self.output_dir, config, self.method.card_type, samples,
@@ -447,6 +450,20 @@ class Trainer:
         if config.push_to_hub and self.accelerator.is_main_process:
             push_to_hub(self.output_dir, config.hub_model_id, private=config.hub_private)
         return outputs
+
+    def _export_or_keep_weights(self) -> dict[str, Path]:
+        """The method's exports; if they fail, the trained weights are kept in a checkpoint to export from again."""
+        try:
+            return self.method.export(self.components, self.output_dir)
+        except Exception as err:
+            step = self.state.global_step
+            kept = ckpt.list_checkpoints(self.output_dir)
+            # the weights only (no loadable outputs): writing those may fail the same way the export did
+            path = kept[-1] if kept and kept[-1].name == f"checkpoint-{step}" else self._write_checkpoint()
+            reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+            raise ExportFailed(f"training finished ({step} steps) but the export failed ({reason}); the trained weights are "
+                               f"in {path}: fix the cause and rerun the same command with --resume_from_checkpoint latest "
+                               "to export them without training again") from err
 
     def cleanup(self) -> None:
         accelerator = getattr(self, "accelerator", None)

@@ -65,7 +65,7 @@ def to_original_state_dict(unet, vae, text_encoder, text_encoder_layout: str = "
         vae: The ``AutoencoderKL``.
         text_encoder: The transformers ``CLIPTextModel``.
         text_encoder_layout: ``"clip"`` (SD 1.x, OpenAI CLIP), ``"openclip"`` (SD 2.x) or
-            ``"auto"``: OpenCLIP when the encoder uses ``gelu`` (OpenAI's CLIP uses ``quick_gelu``).
+            ``"auto"``: the model family's, see :func:`text_encoder_layout_of`.
             With ``text_encoder_2`` the first encoder is always CLIP (``"auto"`` or ``"clip"``).
         text_encoder_2: SDXL's second encoder, a ``CLIPTextModelWithProjection`` (OpenCLIP
             ViT-bigG). Given, the SDXL layout is written: both encoders under
@@ -92,7 +92,7 @@ def to_original_state_dict(unet, vae, text_encoder, text_encoder_layout: str = "
             vae_weights[key] = tensor[:, :, None, None]
     out.update(vae_weights)
     if text_encoder_layout == "auto":
-        text_encoder_layout = "openclip" if text_encoder.config.hidden_act == "gelu" else "clip"
+        text_encoder_layout = text_encoder_layout_of(unet)
     # transformers 5 dropped CLIPTextModel's `text_model.` level; strip it for either version
     text_weights = {k.removeprefix("text_model."): v.detach() for k, v in text_encoder.state_dict().items()}
     if text_encoder_2 is not None:
@@ -110,6 +110,18 @@ def to_original_state_dict(unet, vae, text_encoder, text_encoder_layout: str = "
     else:
         raise ValueError(f"text_encoder_layout must be 'auto', 'clip' or 'openclip', not {text_encoder_layout!r}")
     return out
+
+
+def text_encoder_layout_of(unet) -> str:
+    """The original layout of the model family's (first) text encoder, read from its UNet.
+
+    SDXL's first encoder is OpenAI's CLIP; SD 2.x (the only other family with linear attention
+    projections, ``use_linear_projection``) conditions on OpenCLIP; SD 1.x on OpenAI's CLIP. Not from
+    the text encoder's activation: small test models of SDXL use ``gelu`` in both encoders.
+    """
+    if getattr(unet.config, "addition_embed_type", None) == "text_time":
+        return "clip"
+    return "openclip" if getattr(unet.config, "use_linear_projection", False) else "clip"
 
 
 def save_single_file(path: str | Path, unet, vae, text_encoder, dtype: torch.dtype | None = torch.float16,

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from sdtune import train_lora
@@ -85,3 +86,32 @@ def test_an_output_dir_that_is_a_file_is_one_line(lora_config, tmp_path, capsys)
 def test_overwrite_and_resume_together_are_refused(lora_config):
     with pytest.raises(ConfigError, match="pass one of them"):
         train_lora(dataclasses.replace(lora_config, overwrite_output_dir=True, resume_from_checkpoint="latest"))
+
+
+def test_a_failed_export_keeps_the_trained_weights_and_a_rerun_exports_them(lora_config, monkeypatch, capsys):
+    from sdtune.methods.lora import LoRAMethod
+
+    real_export = LoRAMethod.export
+
+    def disk_full(self, components, output_dir):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(LoRAMethod, "export", disk_full)
+    argv = ["train-lora", "--pretrained_model_name_or_path", lora_config.pretrained_model_name_or_path,
+            "--instance_data_dir", lora_config.instance_data_dir, "--output_dir", lora_config.output_dir,
+            "--report_to", "none", "--resolution", "64", "--max_train_steps", "3", "--checkpointing_steps", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    error = err.splitlines()[-1]  # after the progress bars: the one line that says what happened and what to do
+    assert error.startswith("sdtune: error: training finished (3 steps) but the export failed (OSError: [Errno 28] No space")
+    assert "the trained weights are in" in error and "--resume_from_checkpoint latest" in error and "Traceback" not in err
+    out = Path(lora_config.output_dir)
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-3"] and not (out / "pytorch_lora_weights.safetensors").exists()
+    trained = load_file(out / "checkpoint-3" / "trained.safetensors")
+
+    monkeypatch.setattr(LoRAMethod, "export", real_export)
+    assert main(argv + ["--resume_from_checkpoint", "latest"]) == 0  # no training step: the same weights, exported
+    assert capsys.readouterr().out.startswith("done: 3 steps")
+    exported = load_file(out / "pytorch_lora_weights.safetensors")
+    ours = {k.removeprefix("unet."): v for k, v in trained.items() if k.startswith("unet.")}
+    assert exported.keys() and all(any(torch.equal(v, w) for w in ours.values()) for v in exported.values())

@@ -173,13 +173,23 @@ def test_openclip_layout_fuses_qkv(exported, tiny_model, tmp_path):
     _assert_same_weights(components, reloaded)
 
 
-def test_openclip_is_detected_by_its_gelu_activation(exported):
+def test_the_text_encoder_layout_follows_the_model_family_not_the_activation(exported, tiny_sdxl_model):
     components, _ = exported
     config = CLIPTextConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_attention_heads=2,
                             num_hidden_layers=1, max_position_embeddings=77, hidden_act="gelu")
-    tensors = to_original_state_dict(components.unet, components.vae, CLIPTextModel(config))
+    gelu_encoder = CLIPTextModel(config)
+    # SD 1.x's UNet (no linear attention projections): OpenAI's CLIP layout, whatever the activation
+    tensors = to_original_state_dict(components.unet, components.vae, gelu_encoder)
+    assert any(k.startswith("cond_stage_model.transformer.") for k in tensors)
+    sd2_unet = UNet2DConditionModel(**{**components.unet.config, "use_linear_projection": True})
+    tensors = to_original_state_dict(sd2_unet, components.vae, gelu_encoder)
     assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in tensors
     assert not any(k.startswith("cond_stage_model.transformer.") for k in tensors)
+    # SDXL with a gelu first encoder (as diffusers' tiny SDXL test models have): CLIP, not a ValueError
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_model))
+    gelu_first = CLIPTextModel(CLIPTextConfig(**{**pipe.text_encoder.config.to_dict(), "hidden_act": "gelu"}))
+    tensors = to_original_state_dict(pipe.unet, pipe.vae, gelu_first, text_encoder_2=pipe.text_encoder_2)
+    assert any(k.startswith("conditioner.embedders.0.transformer.text_model.") for k in tensors)
 
 
 def test_text_encoder_tensors_diffusers_drops_are_carried_from_the_source_file(exported, tiny_model, tmp_path):
