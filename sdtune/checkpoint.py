@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdtune.errors import ConfigError, SdtuneError
+from sdtune.run_identity import STATE_FILE, list_checkpoints
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
-STATE_FILE = "trainer_state.json"
 
 
 @dataclass
@@ -75,14 +72,6 @@ def save_checkpoint(
         for old in list_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (half-written ``.tmp`` folders are ignored)."""
-    if not output_dir.is_dir():
-        return []
-    found = [p for p in output_dir.iterdir() if CHECKPOINT_PATTERN.fullmatch(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.fullmatch(p.name).group(1)))
 
 
 def resolve_checkpoint(resume_from_checkpoint: str, output_dir: Path) -> Path | None:

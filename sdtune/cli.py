@@ -34,6 +34,9 @@ logger = logging.getLogger("sdtune")
 # Runners import lazily: torch and diffusers take seconds to import, and `--help` should not wait.
 def _train(name: str) -> Callable:
     def run(config) -> None:
+        from sdtune.preflight import check_before_imports
+
+        check_before_imports(config)  # a wrong path or option fails now, not after seconds of imports
         from sdtune import api
 
         result = getattr(api, name)(config)

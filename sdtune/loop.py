@@ -23,7 +23,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sdtune import checkpoint as ckpt
 from sdtune import diffusion, run_identity
-from sdtune.config import TrainConfig, check_ready_to_train, resolve_epochs
+from sdtune.config import TrainConfig, resolve_epochs
 from sdtune.data.cache import TextEmbeddingCache
 from sdtune.data.class_images import ensure_class_images
 from sdtune.data.training_data import build_training_data
@@ -35,7 +35,8 @@ from sdtune.hub import push_to_hub
 from sdtune.model_card import write_training_card
 from sdtune.methods import Method
 from sdtune.models import load_components
-from sdtune.optim import build_lr_scheduler, build_optimizer
+from sdtune.optim import build_lr_scheduler, build_optimizer, check_optimizer_available
+from sdtune.preflight import check_before_imports
 from sdtune.precision import launch_device, resolve_mixed_precision
 from sdtune.sampling import sample_images, save_images
 
@@ -75,13 +76,12 @@ def train(config: TrainConfig, method: Method) -> TrainResult:
 
 class Trainer:
     def __init__(self, config: TrainConfig, method: Method):
-        check_ready_to_train(config)
+        # before any work: options, paths, the Hub, and an --output_dir holding an earlier run's checkpoints
+        self._earlier_checkpoints = check_before_imports(config)
+        check_optimizer_available(config)
         self.config = config
         self.method = method
         self.output_dir = Path(config.output_dir)
-        # before any work: a new run never lands among an earlier run's checkpoints (latest would reach them)
-        self._earlier_checkpoints = run_identity.check_output_dir(
-            self.output_dir, resuming=bool(config.resume_from_checkpoint), overwrite=config.overwrite_output_dir)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:

@@ -20,6 +20,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from sdtune.conditioning import SDConditioning, TextConditioning, conditioning_for
 
 from sdtune.errors import ModelLoadError
+from sdtune.preflight import looks_like_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def load_components(
 @contextmanager
 def one_line_load_errors(option: str, source: str, advice: str, what: str = "the model"):
     """A missing or unreadable model as one line naming the option, not a loader traceback."""
-    if _looks_like_local_path(source) and not Path(source).exists():
+    if looks_like_local_path(source) and not Path(source).exists():
         raise ModelLoadError(f"{option} {source}: no such file or folder")
     try:
         yield
@@ -168,11 +169,6 @@ def _load_tokenizer(name: str, revision: str | None) -> CLIPTokenizer:
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"--tokenizer_name {name}: could not load a CLIP tokenizer ({first_line})") from None
-
-
-def _looks_like_local_path(source: str) -> bool:
-    """Hub ids are 'name' or 'owner/name'; anything else is meant as a path on disk."""
-    return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
 
 
 def _load_diffusers_layout(source: str, revision, variant, allow_pickle: bool) -> dict:

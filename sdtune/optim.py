@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from diffusers.optimization import get_scheduler
 
@@ -18,22 +20,32 @@ def build_optimizer(config: TrainConfig, param_groups: list[dict]) -> torch.opti
     kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(param_groups, lr=config.learning_rate, fused=_fused_adamw(config, param_groups), **kwargs)
+    check_optimizer_available(config)
     if config.optimizer == "adamw8bit":
-        if not torch.cuda.is_available():
-            raise ConfigError("--optimizer adamw8bit needs a CUDA GPU (bitsandbytes); on this machine use --optimizer adamw")
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigError("--optimizer adamw8bit needs bitsandbytes: pip install 'sdtune[bnb]'") from None
+        import bitsandbytes as bnb
+
         return bnb.optim.AdamW8bit(param_groups, lr=config.learning_rate, **kwargs)
     if config.optimizer == "prodigy":
-        try:
-            from prodigyopt import Prodigy
-        except ImportError:
-            raise ConfigError("--optimizer prodigy needs prodigyopt: pip install 'sdtune[prodigy]'") from None
+        from prodigyopt import Prodigy
+
         return Prodigy(param_groups, lr=config.learning_rate, betas=kwargs["betas"],
                        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
     raise ConfigError(f"--optimizer {config.optimizer}: unknown optimizer")
+
+
+def check_optimizer_available(config: TrainConfig) -> None:
+    """Refuse, before any work, an optimizer this machine cannot run (checked again when it is built).
+
+    Raises:
+        ConfigError: 8-bit AdamW without CUDA or bitsandbytes, Prodigy without prodigyopt.
+    """
+    if config.optimizer == "adamw8bit":
+        if not torch.cuda.is_available():
+            raise ConfigError("--optimizer adamw8bit needs a CUDA GPU (bitsandbytes); on this machine use --optimizer adamw")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("--optimizer adamw8bit needs bitsandbytes: pip install 'sdtune[bnb]'")
+    if config.optimizer == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
+        raise ConfigError("--optimizer prodigy needs prodigyopt: pip install 'sdtune[prodigy]'")
 
 
 def _fused_adamw(config: TrainConfig, param_groups: list[dict]) -> bool | None:

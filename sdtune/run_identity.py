@@ -13,13 +13,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
-from sdtune.checkpoint import list_checkpoints
 from sdtune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+# Kept free of torch: the CLI checks --output_dir before it imports the trainers.
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
+STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (half-written ``.tmp`` folders are ignored)."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if CHECKPOINT_PATTERN.fullmatch(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.fullmatch(p.name).group(1)))
+
 
 # Options that do not change what a step learns: where things go, how long, how often, how fast.
 BOOKKEEPING = frozenset({

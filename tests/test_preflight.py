@@ -1,0 +1,55 @@
+"""Mistakes a run can know at start are refused at start: before torch is imported (CLI), before the model
+loads (Python API), never after training."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+import sdtune.loop
+from sdtune import train_lora
+from sdtune.errors import ConfigError
+
+
+def _cli_in_fresh_process(args: list[str], tmp_path) -> tuple[str, str]:
+    """Run sdtune's CLI in a new interpreter; return (stderr's last line, whether torch had been imported)."""
+    probe = ("import sys; from sdtune.cli import main; code = main(sys.argv[1:]); "
+             "print('torch imported' if 'torch' in sys.modules else 'torch not imported', code)")
+    result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=tmp_path)
+    return result.stderr.strip().splitlines()[-1], result.stdout.strip()
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (["--pretrained_model_name_or_path", "./no-such-model"], "--pretrained_model_name_or_path ./no-such-model: no such file or folder"),
+    (["--instance_data_dir", "./no-such-folder"], "--instance_data_dir ./no-such-folder: no such folder"),
+    (["--with_prior_preservation"], "--with_prior_preservation needs --class_data_dir FOLDER"),
+])
+def test_cli_mistakes_fail_before_torch_is_imported(wrong, message, tiny_model, shapes_dir, tmp_path):
+    args = ["train-dreambooth", "--pretrained_model_name_or_path", str(tiny_model), "--instance_data_dir", str(shapes_dir),
+            "--instance_prompt", "a sks shape", "--output_dir", str(tmp_path / "out"), *wrong]
+    error, outcome = _cli_in_fresh_process(args, tmp_path)
+    assert error == f"sdtune: error: {message}" or (error.startswith("sdtune: error: ") and message in error)
+    assert outcome == "torch not imported 2"
+
+
+def _no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the mistake was refused")
+
+    monkeypatch.setattr(sdtune.loop, "load_components", refuse)
+
+
+def test_adamw8bit_without_cuda_is_refused_before_the_model_loads(lora_config, monkeypatch):
+    _no_model_loading(monkeypatch)
+    with pytest.raises(ConfigError, match="--optimizer adamw8bit needs a CUDA GPU"):
+        train_lora(dataclasses.replace(lora_config, optimizer="adamw8bit"))
+
+
+def test_push_to_hub_while_offline_is_refused_before_training(lora_config, monkeypatch):
+    _no_model_loading(monkeypatch)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 sets it when huggingface_hub is imported
+    with pytest.raises(ConfigError, match=r"--push_to_hub needs the Hub, but HF_HUB_OFFLINE is set \(offline\)"):
+        train_lora(dataclasses.replace(lora_config, push_to_hub=True, hub_model_id="me/x"))
