@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -248,3 +249,6 @@ def _setup_logging() -> None:
     # not the user's concern; set before they are imported. An explicit user setting wins.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    # Deprecation notices about arguments diffusers passes on (not the user's): nothing to act on.
+    warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
+    warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated", category=FutureWarning)

@@ -375,6 +375,13 @@ def _check_range(config: TrainConfig) -> None:
         raise ValueError(f"caption_dropout_rate must be between 0 and 1, got {config.caption_dropout_rate}")
     if config.snr_gamma is not None and config.snr_gamma <= 0:
         raise ValueError(f"snr_gamma must be positive, got {config.snr_gamma}")
+    # The VAE halves the size three times: a size that is not a multiple of 8 loses pixels at every level,
+    # and generation (diffusers' pipelines) refuses it.
+    if config.resolution % 8:
+        raise ValueError(f"resolution must be a multiple of 8, got {config.resolution} (try {config.resolution // 8 * 8 or 8})")
+    if config.enable_bucket and config.min_bucket_reso > config.resolution:
+        raise ValueError(f"min_bucket_reso ({config.min_bucket_reso}) is larger than resolution ({config.resolution}): "
+                         f"every bucket would be larger than the training size; pass --min_bucket_reso {config.resolution} or less")
     if config.min_bucket_reso > config.max_bucket_reso:
         raise ValueError(f"min_bucket_reso ({config.min_bucket_reso}) is larger than max_bucket_reso ({config.max_bucket_reso})")
     if config.with_prior_preservation and config.enable_bucket:

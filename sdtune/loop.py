@@ -173,7 +173,8 @@ class Trainer:
             self.components.unet.enable_gradient_checkpointing()
             if self.method.trains_text_encoder:
                 for text_encoder in self.components.text_encoders:
-                    text_encoder.gradient_checkpointing_enable()
+                    # transformers 5.2x renamed it (the old name warns); 4.x has only the old one
+                    getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)()
 
     def _setup_data(self, records) -> None:
         config = self.config

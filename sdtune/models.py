@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from sdtune.conditioning import SDConditioning, TextConditioning, conditioning_for
 
 from sdtune.errors import ModelLoadError
-from sdtune.preflight import looks_like_local_path
+from sdtune.preflight import hub_offline, looks_like_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +147,9 @@ def one_line_load_errors(option: str, source: str, advice: str, what: str = "the
         raise
     except (OSError, ValueError, EnvironmentError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"{option} {source}: could not load {what} ({first_line}); {advice}") from None
+        offline = ("HF_HUB_OFFLINE is set (offline), so a Hub id loads only from the local cache: "
+                   if hub_offline() and not looks_like_local_path(source) else "")
+        raise ModelLoadError(f"{option} {source}: could not load {what} ({offline}{first_line}); {advice}") from None
 
 
 def _load_vae(source: str, revision: str | None, allow_pickle: bool) -> AutoencoderKL:
@@ -226,7 +227,7 @@ def _load_single_file(path: str, config: str | None, allow_pickle: bool) -> dict
         if config:
             raise
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        offline = "HF_HUB_OFFLINE is set, and " if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") else ""
+        offline = "HF_HUB_OFFLINE is set (offline), and " if hub_offline() else ""
         raise ModelLoadError(
             f"--pretrained_model_name_or_path {path}: diffusers reads a single file's configs from the Hub "
             f"({offline}that failed: {first_line[:150]}); pass --single_file_config with a diffusers folder of "

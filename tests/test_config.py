@@ -59,6 +59,9 @@ def test_diffusers_script_flag_names_are_accepted():
         (["--rank", "0"], "rank must be positive, got 0"),
         (["--caption_dropout_rate", "2"], "caption_dropout_rate must be between 0 and 1"),
         (["--random_flip", "maybe"], "--random_flip: expected true or false, got 'maybe'"),
+        (["--resolution", "60"], "resolution must be a multiple of 8, got 60 (try 56)"),
+        (["--resolution", "64", "--enable_bucket"], "min_bucket_reso (256) is larger than resolution (64): every bucket "
+                                                    "would be larger than the training size; pass --min_bucket_reso 64 or less"),
     ],
 )
 def test_bad_flags_give_one_clear_line(argv, message):

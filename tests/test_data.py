@@ -325,3 +325,25 @@ def test_vae_out_of_memory_while_caching_suggests_a_smaller_batch(shapes_dir, co
     cache = LatentCache(fingerprint="f", dtype=torch.float32, resolution=64)
     with pytest.raises(SdtuneError, match="ran out of memory caching 4 images at once; pass a smaller --vae_batch_size"):
         cache.build(_samples(shapes_dir), (False,), components.vae, _SingleProcess(), batch_size=4)
+
+
+def test_a_latin1_caption_is_read_with_a_warning_not_replacement_characters(tmp_path, caplog):
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes("a café in Zürich".encode("latin-1"))
+    Image.new("RGB", (64, 64), "blue").save(tmp_path / "b.png")
+    (tmp_path / "b.txt").write_text("a naïve sketch", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="sdtune"):
+        records = find_records(instance_data_dir=str(tmp_path))
+    assert [r.caption for r in records] == ["a café in Zürich", "a naïve sketch"]
+    assert "a.txt is not UTF-8; read it as Latin-1" in caplog.text and "b.txt" not in caplog.text
+
+
+def test_a_hub_dataset_while_offline_is_one_line_that_says_offline(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError) as err:
+        find_records(dataset_name="someone/some-dataset")
+    message = str(err.value)
+    assert message.startswith("--dataset_name someone/some-dataset: could not load the dataset (HF_HUB_OFFLINE is set "
+                              "(offline), so only local datasets load; ") and "\n" not in message

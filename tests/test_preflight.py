@@ -2,6 +2,7 @@
 loads (Python API), never after training."""
 
 import dataclasses
+import os
 import subprocess
 import sys
 
@@ -53,3 +54,14 @@ def test_push_to_hub_while_offline_is_refused_before_training(lora_config, monke
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 sets it when huggingface_hub is imported
     with pytest.raises(ConfigError, match=r"--push_to_hub needs the Hub, but HF_HUB_OFFLINE is set \(offline\)"):
         train_lora(dataclasses.replace(lora_config, push_to_hub=True, hub_model_id="me/x"))
+
+
+def test_a_hub_id_while_offline_is_one_line_that_says_offline_and_nothing_else(lora_config, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "sdtune", "train-lora", "--pretrained_model_name_or_path", "someone/some-model",
+         "--instance_data_dir", lora_config.instance_data_dir, "--output_dir", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert result.stderr.startswith("sdtune: error: --pretrained_model_name_or_path someone/some-model: could not load the "
+                                    "model (HF_HUB_OFFLINE is set (offline), so a Hub id loads only from the local cache: ")
+    assert result.stderr.count("\n") == 1  # no deprecation notices around it (local_dir_use_symlinks, ...)

@@ -65,9 +65,21 @@ def _records_from_folder(folder: Path, caption_extension: str) -> list[ImageReco
     records = []
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
         caption_file = path.with_suffix(caption_extension)
-        caption = caption_file.read_text(encoding="utf-8", errors="replace").strip() if caption_file.is_file() else None
+        caption = read_caption(caption_file) if caption_file.is_file() else None
         records.append(ImageRecord(name=str(path), caption=caption or None, path=path))
     return records
+
+
+def read_caption(path: Path) -> str:
+    """A caption file as UTF-8; a file in another encoding (Windows editors save Latin-1/cp1252) is read as
+    Latin-1, which maps every byte to a character, with a warning instead of silent replacement characters."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        text = data.decode("latin-1").strip()
+        logger.warning("%s is not UTF-8; read it as Latin-1 (%r); save it as UTF-8 to be sure", path, text[:60])
+        return text
 
 
 def _records_from_dataset(name: str, config_name, image_column: str, caption_column: str, option: str) -> list[ImageRecord]:
@@ -79,8 +91,12 @@ def _records_from_dataset(name: str, config_name, image_column: str, caption_col
             dataset = datasets.load_dataset("imagefolder", data_dir=name, split="train")
         else:
             dataset = datasets.load_dataset(name, config_name, split="train")
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
-        raise DataError(f"{option} {name}: could not load the dataset ({str(err).splitlines()[0]})") from None
+    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:  # OSError: not found, no network
+        from sdtune.preflight import hub_offline
+
+        offline = "HF_HUB_OFFLINE is set (offline), so only local datasets load; " if hub_offline() else ""
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{option} {name}: could not load the dataset ({offline}{first_line})") from None
     for column, flag in ((image_column, "--image_column"), (caption_column, "--caption_column")):
         if column not in dataset.column_names:
             raise DataError(
