@@ -224,7 +224,9 @@ def caption_images(config: CaptionConfig, accelerator: Any = None) -> CaptionSum
         failures = f" ({', '.join(failed[:5])}{', ...' if len(failed) > 5 else ''})" if failed else ""
         logger.info("captioned %d images in %.1f s (%.2f images/s), skipped %d that had captions, %d failed%s",
                     captioned, seconds, captioned / max(seconds, 1e-9), summary.skipped, summary.failed, failures)
-    if pending and not captioned:  # every process has the same counts here, so all of them raise
+    # Failure only when the folder ends with no caption at all: a rerun that finds every good image captioned
+    # and one unreadable image (a logged skip) has done all there was to do.
+    if pending and not captioned and not summary.skipped:  # every process has the same counts: all of them raise
         raise DataError(f"no image of {folder} was captioned: all {len(failed)} failed (unreadable or empty captions, "
                         f"e.g. {', '.join(failed[:3])}); check the images and --model")
     return summary

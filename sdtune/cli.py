@@ -142,7 +142,10 @@ def _add_config_flags(parser: argparse.ArgumentParser, command: Command) -> None
                                 help=_literal(f.metadata["help"]))
         default = f.metadata.get("default_text", f.default if f.default is not dataclasses.MISSING else "required")
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=_literal(f"{f.metadata['help']} (default: {default})"))
+        text = f.metadata["help"]
+        if "(default" not in text:  # a help text that explains its default already says it once
+            text += f" (default: {default!r})" if default == "" else f" (default: {default})"
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=_literal(text))
         if field_base_type(f) is bool:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         else:

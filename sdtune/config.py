@@ -48,7 +48,8 @@ class TrainConfig:
     allow_pickle: bool = option(False, "Allow loading pickle weights (.bin/.ckpt/.pt). Only for files you trust.")
     tokenizer_name: str | None = option(None, "A tokenizer (Hub id or folder) to use instead of the base model's.")
     pretrained_vae_model_name_or_path: str | None = option(
-        None, "A VAE to use instead of the base model's (e.g. madebyollin/sdxl-vae-fp16-fix): Hub id, folder or .safetensors.")
+        None, "A VAE to use instead of the base model's (e.g. madebyollin/sdxl-vae-fp16-fix): Hub id, folder or .safetensors; "
+              "'none' keeps the base model's own (e.g. to run an SDXL recipe offline).")
 
     # --- data ----------------------------------------------------------------------------
     instance_data_dir: str | None = option(

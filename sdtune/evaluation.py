@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from sdtune.sampling import generate
 
@@ -61,8 +62,12 @@ class SamplingSettings:
     seed: int = 0
 
 
-def sample_probes(pipe, probes: Sequence[Probe], num_samples: int, settings: SamplingSettings) -> list[tuple[Probe, object]]:
-    """``num_samples`` images cycling through ``probes``; sample ``i`` uses seed ``settings.seed + i``."""
+def sample_probes(pipe, probes: Sequence[Probe], num_samples: int, settings: SamplingSettings,
+                  progress: tqdm | None = None) -> list[tuple[Probe, object]]:
+    """``num_samples`` images cycling through ``probes``; sample ``i`` uses seed ``settings.seed + i``.
+
+    ``progress`` (a tqdm bar) advances by the images of each batch.
+    """
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     chosen = [probes[i % len(probes)] for i in range(num_samples)]
     images = []
@@ -71,6 +76,8 @@ def sample_probes(pipe, probes: Sequence[Probe], num_samples: int, settings: Sam
         generators = [torch.Generator().manual_seed(settings.seed + i) for i in range(begin, end)]
         images += generate(pipe, [p.prompt for p in chosen[begin:end]], generators, size=(size, size),
                            num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale)
+        if progress is not None:
+            progress.update(end - begin)
     return list(zip(chosen, images))
 
 
@@ -100,7 +107,7 @@ class ConceptReport:
 
 
 def evaluate_concept(pipe, judge: Callable[[list], list[Verdict]], spec: ConceptSpec, *, num_samples: int = 64,
-                     settings: SamplingSettings | None = None) -> ConceptReport:
+                     settings: SamplingSettings | None = None, desc: str = "Judging") -> ConceptReport:
     """Score ``pipe`` on ``spec`` with ``num_samples`` images per figure.
 
     Args:
@@ -109,23 +116,27 @@ def evaluate_concept(pipe, judge: Callable[[list], list[Verdict]], spec: Concept
         spec: The prompts and checks.
         num_samples: Images per figure (subject, context, prior); 64 or more for figures worth comparing.
         settings: Sampler settings, identical across the models compared.
+        desc: The progress bar's label (minutes of sampling on a CPU: the user sees it move).
     """
     settings = settings or SamplingSettings()
     start = time.perf_counter()
     figures, samples = {}, {}
+    progress = tqdm(total=3 * num_samples, desc=desc, unit="image", leave=False)
     for kind, probes in (("subject", spec.subject), ("context", spec.context), ("prior", spec.prior)):
-        pairs = sample_probes(pipe, probes, num_samples, settings)
+        pairs = sample_probes(pipe, probes, num_samples, settings, progress)
         verdicts = judge([image for _, image in pairs])
         figures[kind] = share([probe.check(v) for (probe, _), v in zip(pairs, verdicts)])
         samples[kind] = [image for _, image in pairs]
         if kind == "prior":
             figures["drift"] = share([spec.is_concept(v) for v in verdicts])
+    progress.close()
     return ConceptReport(figures["subject"], figures["context"], figures["prior"], figures["drift"],
                          time.perf_counter() - start, samples)
 
 
 def attribute_accuracy(pipe, judge: Callable[[list], list], expected: Sequence, prompts: Sequence[str], *,
-                       attributes: Sequence[str], settings: SamplingSettings | None = None) -> dict[str, float]:
+                       attributes: Sequence[str], settings: SamplingSettings | None = None,
+                       desc: str = "Judging") -> dict[str, float]:
     """Share of samples whose verdict matches ``expected[i]`` on each attribute, and on all at once.
 
     ``prompts[i]`` is sampled with seed ``settings.seed + i``; verdicts and expectations are objects
@@ -133,7 +144,8 @@ def attribute_accuracy(pipe, judge: Callable[[list], list], expected: Sequence, 
     """
     settings = settings or SamplingSettings()
     probes = [Probe(p, lambda v: True) for p in prompts]
-    images = [image for _, image in sample_probes(pipe, probes, len(probes), settings)]
+    with tqdm(total=len(probes), desc=desc, unit="image", leave=False) as progress:
+        images = [image for _, image in sample_probes(pipe, probes, len(probes), settings, progress)]
     verdicts = judge(images)
     rates = {a: share([getattr(v, a) == getattr(e, a) for v, e in zip(verdicts, expected)]) for a in attributes}
     rates["all"] = share([all(getattr(v, a) == getattr(e, a) for a in attributes) for v, e in zip(verdicts, expected)])

@@ -97,7 +97,9 @@ class Trainer:
         )
         if self.accelerator.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
             # accelerate runs fp16 on the CPU with neither autocast nor a grad scaler: mixed dtypes crash, gradients underflow
-            raise ConfigError("--mixed_precision fp16 needs a GPU; on the CPU use --mixed_precision auto "
+            asked = "--mixed_precision fp16" if config.mixed_precision == "fp16" else \
+                "fp16 mixed precision (from accelerate's config: `accelerate launch --config_file` or ACCELERATE_MIXED_PRECISION)"
+            raise ConfigError(f"{asked} needs a GPU; on the CPU use --mixed_precision auto "
                               "(bf16 on CPUs with AMX, else no), bf16 or no")
         self.weight_dtype = WEIGHT_DTYPES.get(self.accelerator.mixed_precision, torch.float32)
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED and (config.checkpointing_steps or config.resume_from_checkpoint):

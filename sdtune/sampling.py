@@ -244,9 +244,15 @@ def _add_lora(pipe, config) -> None:
         if path.is_file():
             _load_lora_file(pipe, path)
         else:
-            # the file named: diffusers before ~0.40 cannot search a local folder offline
-            weight_name = DIFFUSERS_LORA_FILE if (path / DIFFUSERS_LORA_FILE).is_file() else None
-            pipe.load_lora_weights(str(path), weight_name=weight_name, adapter_name="lora")
+            # the file named: diffusers before ~0.40 cannot search a local folder offline, and without
+            # one it looks for pytorch_lora_weights.bin, a pickle file sdtune never writes or loads
+            candidates = [DIFFUSERS_LORA_FILE] if (path / DIFFUSERS_LORA_FILE).is_file() else sorted(
+                p.name for p in path.glob("*.safetensors"))
+            if len(candidates) != 1:
+                found = f"{len(candidates)} .safetensors files ({', '.join(candidates[:3])})" if candidates else "no LoRA file"
+                raise ConfigError(f"--lora {path}: the folder holds {found}; pass the LoRA file itself, or a folder with "
+                                  f"{DIFFUSERS_LORA_FILE}")
+            pipe.load_lora_weights(str(path), weight_name=candidates[0], adapter_name="lora")
     pipe.set_adapters(["lora"], adapter_weights=[config.lora_scale])
 
 

@@ -215,6 +215,16 @@ def test_a_run_that_captions_nothing_exits_non_zero_with_one_line(tiny_blip2, tm
     assert len(errors) == 1 and "no image" in errors[0] and "x.png" in errors[0]
 
 
+def test_a_rerun_with_only_an_unreadable_image_left_succeeds(tiny_blip2, images_dir, capsys):
+    from sdtune.cli import main
+
+    (images_dir / "broken.png").write_bytes(b"not an image at all")
+    args = ["caption", str(images_dir), "--model", str(tiny_blip2)]
+    assert main(args) == 0  # first run: the good images captioned, the broken one failed
+    assert main(args) == 0  # rerun: nothing left to caption but the broken image; that is success
+    assert capsys.readouterr().out.splitlines()[-1] == f"captioned 0, skipped {len(NAMES)} (already captioned), failed 1"
+
+
 def test_missing_folder_and_empty_folder_are_data_errors(tiny_blip2, tmp_path):
     with pytest.raises(SdtuneError, match="no such folder"):
         caption_images(_config(tmp_path / "missing", tiny_blip2))

@@ -98,6 +98,17 @@ def test_help_lists_every_option_with_its_default(capsys):
     assert "(default: 4)" in text  # rank
 
 
+@pytest.mark.parametrize("command", ["train-lora", "train-dreambooth", "train-textual-inversion", "generate", "caption",
+                                     "push", "demo"])
+def test_help_says_each_default_once(command):
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    for action in sub._actions:
+        assert (action.help or "").count("(default") <= 1, action.help
+    if command == "demo":
+        base = next(a for a in sub._actions if a.dest == "base_model")
+        assert base.help.endswith("(default: the one shipped with sdtune).")
+
+
 def test_print_config_prints_resolved_yaml(capsys):
     assert main(["train-lora", "--rank", "12", "--print-config"]) == 0
     out = capsys.readouterr().out

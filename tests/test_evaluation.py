@@ -69,3 +69,10 @@ def test_prior_preservation_is_relative_to_the_base_on_the_same_seeds(fake_sampl
     tuned = evaluation.ConceptReport(1.0, 1.0, prior_correct=0.25, prior_drift=0.75, seconds=0.0)
     assert base.as_dict()["prior_preservation"] == 1.0
     assert tuned.as_dict(base=base)["prior_preservation"] == 0.5  # 0.25 right vs the base's 0.5
+
+
+def test_judging_shows_its_progress_by_images(fake_sampler, capsys):
+    """Minutes of sampling on a CPU: the demo's evaluations were silent for 16 minutes on a busy machine."""
+    evaluate_concept(Pipe, judge, SPEC, num_samples=8, settings=SamplingSettings(batch_size=3), desc="Judging the base")
+    err = capsys.readouterr().err
+    assert "Judging the base:" in err and "0/24 " in err  # counted in images: 3 figures x 8 samples

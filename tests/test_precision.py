@@ -96,3 +96,13 @@ def test_recipes_use_auto():
     for recipe in recipes:
         assert "mixed_precision: fp16" not in recipe.read_text() and "mixed_precision: bf16" not in recipe.read_text()
     assert sum("mixed_precision: auto" in r.read_text() for r in recipes) == len(recipes)
+
+
+def test_fp16_from_accelerates_config_is_refused_naming_where_it_came_from(lora_config, monkeypatch):
+    """The shipped accelerate_config.yaml says fp16; on a CPU the refusal must not name a flag the user never passed."""
+    if torch.cuda.is_available():
+        pytest.skip("fp16 runs on this machine's GPU")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # what `accelerate launch --config_file` sets
+    with pytest.raises(ConfigError, match=r"^fp16 mixed precision \(from accelerate's config: `accelerate launch "
+                                          r"--config_file` or ACCELERATE_MIXED_PRECISION\) needs a GPU; on the CPU use"):
+        train_lora(dataclasses.replace(lora_config, mixed_precision=None))

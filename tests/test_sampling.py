@@ -67,6 +67,11 @@ def test_bad_input_is_a_clear_error(gen, tmp_path):
         run_generate(dataclasses.replace(gen, prompt=None))
     with pytest.raises(ConfigError, match="--lora .*nope: no such file or folder"):
         run_generate(dataclasses.replace(gen, lora=str(tmp_path / "nope")))
+    no_lora = tmp_path / "not-a-lora"
+    no_lora.mkdir()
+    (no_lora / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match=r"--lora .*not-a-lora: the folder holds no LoRA file; pass the LoRA file itself"):
+        run_generate(dataclasses.replace(gen, lora=str(no_lora)))  # not diffusers' OSError about a .bin file
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
     with pytest.raises(ConfigError, match="--init_image .*bad.png: not a readable image"):

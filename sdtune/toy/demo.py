@@ -126,13 +126,13 @@ class Demo:
         """The untouched base, loaded once for every base figure (fine-tunes load their own copy)."""
         return _pipeline(self.base)
 
-    def evaluate(self, pipe, concept: str) -> ConceptReport:
+    def evaluate(self, pipe, concept: str, who: str = "fine-tuned model") -> ConceptReport:
         return evaluate_concept(pipe, self.judge.classify, self.specs[concept], num_samples=self.settings.num_samples,
-                                settings=self.sampling)
+                                settings=self.sampling, desc=f"Judging the {who} on concept {concept.upper()}")
 
     def base_report(self, concept: str) -> ConceptReport:
         if concept not in self._base_reports:
-            self._base_reports[concept] = self.evaluate(self.base_pipe, concept)
+            self._base_reports[concept] = self.evaluate(self.base_pipe, concept, who="base")
         return self._base_reports[concept]
 
     def held_in_accuracy(self) -> dict[str, float]:
@@ -140,7 +140,8 @@ class Demo:
         scenes = pretraining_scenes()
         expected = [scenes[i % len(scenes)] for i in range(self.settings.held_in_samples)]
         rates = attribute_accuracy(self.base_pipe, self.judge.classify, expected, [s.caption() for s in expected],
-                                   attributes=("shape", "color", "background"), settings=self.sampling)
+                                   attributes=("shape", "color", "background"), settings=self.sampling,
+                                   desc="Judging the base on pretraining prompts")
         return {k: round(v, 4) for k, v in rates.items()}
 
     def train(self, name: str):
@@ -192,7 +193,7 @@ def run_demo(output_dir: str | Path = "sdtune-demo", *, quick: bool = False, see
     """Run the four methods and write grids and ``metrics.json`` to ``output_dir``; return the metrics."""
     start = time.perf_counter()
     demo = Demo(output_dir, base=base, settings=settings or (DemoSettings.quick() if quick else DemoSettings()), seed=seed)
-    _say(f"base model: {demo.base}")
+    _say(f"base model: {demo.base}; writing to {demo.output_dir.resolve()}")
     held_in = demo.held_in_accuracy()
     metrics: dict = {"base": {"held_in": held_in, **{f"concept_{c}": demo.base_report(c).as_dict() for c in ("a", "b")}}}
     _say(f"base: held-in prompts fully right {held_in['all']:.0%} (shape {held_in['shape']:.0%}, colour "
