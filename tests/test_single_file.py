@@ -181,7 +181,7 @@ def test_the_text_encoder_layout_follows_the_model_family_not_the_activation(exp
     # SD 1.x's UNet (no linear attention projections): OpenAI's CLIP layout, whatever the activation
     tensors = to_original_state_dict(components.unet, components.vae, gelu_encoder)
     assert any(k.startswith("cond_stage_model.transformer.") for k in tensors)
-    sd2_unet = UNet2DConditionModel(**{**components.unet.config, "use_linear_projection": True})
+    sd2_unet = UNet2DConditionModel.from_config({**components.unet.config, "use_linear_projection": True})
     tensors = to_original_state_dict(sd2_unet, components.vae, gelu_encoder)
     assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in tensors
     assert not any(k.startswith("cond_stage_model.transformer.") for k in tensors)
