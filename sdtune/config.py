@@ -134,6 +134,9 @@ class TrainConfig:
     allow_tf32: bool = option(False, "Allow TF32 matmuls on Ampere and newer GPUs (faster, slightly less precise).")
     compile: bool = option(False, "torch.compile the UNet's repeated blocks (each block type compiles once; cached across runs).")
     channels_last: bool = option(False, "Keep the UNet's weights and activations channels-last (faster convolutions on many devices).")
+    num_threads: int | None = option(
+        None, "CPU threads of torch in each process (default: OMP_NUM_THREADS if set, else the cores this process may "
+              "use, by affinity and cgroup quota, divided by the processes on this machine).")
     reuse_host_memory: bool = option(True, "Training on the CPU (Linux): keep freed activation memory for the next step instead of returning it to the OS (~15% faster steps, same peak memory).")
     snr_gamma: float | None = option(None, "Min-SNR weighting gamma (5.0 is the paper's value). Off by default.")
     noise_offset: float = option(0.0, "Noise offset strength (e.g. 0.05); 0 turns it off.")
@@ -365,7 +368,7 @@ def _check_range(config: TrainConfig) -> None:
     for name in positive:
         if getattr(config, name) <= 0:
             raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
-    for name in ("num_train_epochs", "validation_epochs", "max_train_samples"):
+    for name in ("num_train_epochs", "validation_epochs", "max_train_samples", "num_threads"):
         if getattr(config, name) is not None and getattr(config, name) <= 0:
             raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
     for name in ("learning_rate", "checkpointing_steps", "num_validation_images", "lr_warmup_steps", "max_grad_norm", "noise_offset", "keep_tokens",

@@ -39,6 +39,7 @@ from sdtune.optim import build_lr_scheduler, build_optimizer, check_optimizer_av
 from sdtune.preflight import check_before_imports
 from sdtune.precision import launch_device, resolve_mixed_precision
 from sdtune.sampling import sample_images, save_images
+from sdtune.threads import set_torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         config = self.config
+        set_torch_threads(config.num_threads)  # chosen, not inherited: one thread per core per process oversubscribes
         # Not through PartialState().device: an accelerate state made before the Accelerator changed
         # what two CPU processes computed (they no longer matched one process with the same batch).
         mixed_precision = resolve_mixed_precision(config.mixed_precision, launch_device())

@@ -41,6 +41,7 @@ BOOKKEEPING = frozenset({
     "validation_epochs", "validation_inference_steps", "report_to", "logging_dir", "tracker_project_name",
     "push_to_hub", "hub_model_id", "hub_private", "dataloader_num_workers", "cache_dir", "cache_latents",
     "cache_text_embeddings", "vae_batch_size", "sample_batch_size", "reuse_host_memory", "compile", "channels_last",
+    "num_threads",
     "fused_optimizer", "set_grads_to_none", "allow_tf32", "gradient_checkpointing", "save_single_file",
     "save_precision", "save_as_full_pipeline", "caption_missing", "caption_model",
     # folders: their content is compared through the data hash, so a moved folder is the same data

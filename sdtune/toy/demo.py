@@ -191,6 +191,9 @@ class Demo:
 def run_demo(output_dir: str | Path = "sdtune-demo", *, quick: bool = False, seed: int = 0,
              base: str | Path = BASE_DIR, settings: DemoSettings | None = None) -> dict:
     """Run the four methods and write grids and ``metrics.json`` to ``output_dir``; return the metrics."""
+    from sdtune.threads import set_torch_threads
+
+    set_torch_threads()  # the judge's sampling runs before the first training sets them
     start = time.perf_counter()
     demo = Demo(output_dir, base=base, settings=settings or (DemoSettings.quick() if quick else DemoSettings()), seed=seed)
     _say(f"base model: {demo.base}; writing to {demo.output_dir.resolve()}")
