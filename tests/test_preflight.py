@@ -65,3 +65,23 @@ def test_a_hub_id_while_offline_is_one_line_that_says_offline_and_nothing_else(l
     assert result.stderr.startswith("sdtune: error: --pretrained_model_name_or_path someone/some-model: could not load the "
                                     "model (HF_HUB_OFFLINE is set (offline), so a Hub id loads only from the local cache: ")
     assert result.stderr.count("\n") == 1  # no deprecation notices around it (local_dir_use_symlinks, ...)
+
+
+def test_no_notices_a_user_cannot_act_on(lora_config, tmp_path):
+    """Gradient checkpointing of a trained text encoder warned (transformers renamed the method); a LoRA without
+    text-encoder keys made diffusers say so at every generate."""
+    import warnings
+
+
+    config = dataclasses.replace(lora_config, train_text_encoder=True, gradient_checkpointing=True, max_train_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_lora(config)
+    assert not [w for w in caught if "checkpointing_enable" in str(w.message)]
+    unet_only = train_lora(dataclasses.replace(lora_config, output_dir=str(tmp_path / "unet-only"), max_train_steps=1))
+    result = subprocess.run(
+        [sys.executable, "-m", "sdtune", "generate", "--pretrained_model_name_or_path", lora_config.pretrained_model_name_or_path,
+         "--lora", str(unet_only.output_dir), "--prompt", "a sks shape", "--num_inference_steps", "2", "--height", "64",
+         "--width", "64", "--output_dir", str(tmp_path / "images")], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "No LoRA keys" not in result.stderr and "deprecated" not in result.stderr
