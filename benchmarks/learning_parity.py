@@ -164,7 +164,7 @@ def score(output: Path, method: str, work: Path) -> None:
 
 
 def summarize(results: list[dict]) -> str:
-    """One row per (method, tool): each figure as mean (min-max) over the seeds."""
+    """One row per (method, tool): each figure as mean (min-max) over the seeds; then the parity verdicts."""
     lines = ["| method | tool | seeds | " + " | ".join(f.replace("_", " ") for f in FIGURES) + " | train s |",
              "|---|---|---|" + "---|" * (len(FIGURES) + 1)]
     keys = sorted({(r["method"], r["tool"]) for r in results}, key=lambda k: (list(RECIPES).index(k[0]), k[1]))
@@ -176,7 +176,37 @@ def summarize(results: list[dict]) -> str:
             cells.append(f"{statistics.mean(values):.2f} ({min(values):.2f}-{max(values):.2f})")
         seconds = statistics.mean(r["train_seconds"] for r in rows)
         lines.append(f"| {method} | {tool} | {len(rows)} | " + " | ".join(cells) + f" | {seconds:.0f} |")
+    return "\n".join(lines) + "\n\n" + verdicts(results)
+
+
+def verdicts(results: list[dict]) -> str:
+    """Per method and figure: sdtune's mean minus diffusers' (drift: diffusers' minus sdtune's, lower is better),
+    against the larger of the two seed spreads (max - min): at parity the difference is above minus the spread.
+    Welch's p-value says how likely a difference this large is between two equal trainers, seed noise alone."""
+    lines = ["| method | " + " | ".join(f.replace("_", " ") for f in FIGURES) + " |", "|---|" + "---|" * len(FIGURES)]
+    for method in [m for m in RECIPES if {r["method"] for r in results} >= {m}]:
+        by_tool = {tool: [r for r in results if r["method"] == method and r["tool"] == tool] for tool in ("sdtune", "diffusers")}
+        if not all(by_tool.values()):
+            continue
+        cells = []
+        for figure in FIGURES:
+            values = {tool: [r[figure] for r in rows] for tool, rows in by_tool.items()}
+            sign = -1 if figure == "prior_drift" else 1
+            difference = sign * (statistics.mean(values["sdtune"]) - statistics.mean(values["diffusers"]))
+            spread = max(max(v) - min(v) for v in values.values())
+            p_value = _welch_p(values["sdtune"], values["diffusers"])
+            cells.append(f"{difference:+.2f} vs -{spread:.2f}: {'parity' if difference >= -spread else 'BELOW'} (p {p_value:.2f})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _welch_p(a: list[float], b: list[float]) -> float:
+    """Two-sided p-value of Welch's t-test that the two means are equal (nan when a side has no spread)."""
+    from scipy.stats import ttest_ind
+
+    if len(set(a)) < 2 and len(set(b)) < 2:
+        return float("nan")
+    return float(ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def parse_args() -> argparse.Namespace:
