@@ -31,6 +31,8 @@ logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionFal
 
 _EXPORTS = {
     "Components": "sdtune.models",
+    "ControlNetConfig": "sdtune.config",
+    "ControlNetMethod": "sdtune.methods.controlnet",
     "DreamBoothConfig": "sdtune.config",
     "DreamBoothMethod": "sdtune.methods.dreambooth",
     "LoRAConfig": "sdtune.config",
@@ -42,6 +44,7 @@ _EXPORTS = {
     "TrainResult": "sdtune.loop",
     "load_components": "sdtune.models",
     "train": "sdtune.loop",
+    "train_controlnet": "sdtune.api",
     "train_dreambooth": "sdtune.api",
     "train_lora": "sdtune.api",
     "train_textual_inversion": "sdtune.api",

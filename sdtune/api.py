@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from sdtune.config import DreamBoothConfig, LoRAConfig, TextualInversionConfig
+from sdtune.config import ControlNetConfig, DreamBoothConfig, LoRAConfig, TextualInversionConfig
 from sdtune.loop import TrainResult, train
+from sdtune.methods.controlnet import ControlNetMethod
 from sdtune.methods.dreambooth import DreamBoothMethod
 from sdtune.methods.lora import LoRAMethod
 from sdtune.methods.textual_inversion import TextualInversionMethod
@@ -29,3 +30,13 @@ def train_dreambooth(config: DreamBoothConfig) -> TrainResult:
 def train_textual_inversion(config: TextualInversionConfig) -> TrainResult:
     """Learn ``config.placeholder_token``'s embedding; exports learned_embeds.safetensors and an A1111 embedding."""
     return train(config, TextualInversionMethod(config))
+
+
+def train_controlnet(config: ControlNetConfig) -> TrainResult:
+    """Train a ControlNet on (image, control map, caption) triples; the base model stays frozen.
+
+    Returns:
+        TrainResult with ``controlnet`` (a ``ControlNetModel.from_pretrained`` folder: the output folder)
+        and ``single_file`` (controlnet.safetensors, the original layout ComfyUI and A1111 read).
+    """
+    return train(config, ControlNetMethod(config))

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import yaml
 
 from sdtune.config import (
+    ControlNetConfig,
     DreamBoothConfig,
     LoRAConfig,
     TextualInversionConfig,
@@ -102,6 +103,8 @@ COMMANDS: dict[str, Command] = {
                                 "DreamBooth: full fine-tune (pipeline folder, single file) or --use_lora; prior preservation."),
     "train-textual-inversion": Command(TextualInversionConfig, _train("train_textual_inversion"),
                                        "Textual inversion: learn a new token's embedding (diffusers + A1111 files)."),
+    "train-controlnet": Command(ControlNetConfig, _train("train_controlnet"),
+                                "ControlNet: steer the frozen base with control maps (diffusers folder + single file)."),
     "caption": Command(CaptionConfig, _caption, "Caption images with BLIP-2 / BLIP / InstructBLIP.", positional="data_dir"),
     "generate": Command(GenerateConfig, _generate, "Images from a base model plus a LoRA, embeddings or DreamBooth output."),
     "push": Command(PushConfig, _push, "Upload an output folder to the Hugging Face Hub.", positional="folder"),
@@ -148,6 +151,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, command: Command) -> None
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=_literal(text))
         if field_base_type(f) is bool:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
+        elif f.metadata.get("nargs"):  # a comma-separated list that diffusers' flag takes space-separated
+            kwargs.update(nargs=f.metadata["nargs"], metavar=field_base_type(f).__name__.upper())
         else:
             kwargs.update(metavar=field_base_type(f).__name__.upper())
         group.add_argument(*flags, **kwargs)
@@ -193,7 +198,7 @@ def parse_config(command: str, argv: Sequence[str]):
         values[spec.positional] = given[f"_{spec.positional}"]
     for name, text in given.items():
         if name in fields:
-            values[name] = parse_value(fields[name], text)
+            values[name] = parse_value(fields[name], ",".join(text) if isinstance(text, list) else text)
     compat = {name[len(COMPAT_PREFIX):]: text for name, text in given.items() if name.startswith(COMPAT_PREFIX)}
     apply_compat_flags(compat, values, explicit={name for name in given if name in fields})
     return build_config(spec.config_cls, values, source=f"key in {args.config}" if args.config else "option"), args

@@ -45,6 +45,13 @@ class GenerateConfig:
     grid: bool = option(True, "Also write a contact sheet grid.png.")
     mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "Precision on GPU (CPU always runs fp32).")
     pretrained_vae_model_name_or_path: str | None = option(None, "A VAE to use instead of the model's (Hub id, folder or .safetensors).")
+    controlnet: str | None = option(None, "ControlNet(s): folder, Hub id or .safetensors file; comma-separated for several.")
+    control_image: str | None = option(None, "The image each --controlnet follows (comma-separated, one per ControlNet).")
+    control_type: str = option("none", "How --control_image becomes a control map: canny (edges, needs sdtune[controlnet]) "
+                                       "or none (it is one already); comma-separated to give each ControlNet its own.")
+    controlnet_conditioning_scale: str = option("1.0", "Strength of each ControlNet (comma-separated, one per ControlNet).")
+    canny_low_threshold: int = option(100, "--control_type canny: edges weaker than this are dropped.")
+    canny_high_threshold: int = option(200, "--control_type canny: edges stronger than this are kept.")
     refiner: str | None = option(None, "SDXL: a refiner (Hub id, folder or .safetensors) that finishes the last denoising steps.")
     refiner_start: float = option(0.8, "SDXL with --refiner: the fraction of denoising the base does before the refiner takes over.")
 

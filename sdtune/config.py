@@ -233,6 +233,25 @@ class DreamBoothConfig(LoRAConfig):
         super().__post_init__()
 
 
+@dataclass(frozen=True)
+class ControlNetConfig(TrainConfig):
+    """ControlNet: a trainable copy of the UNet's encoder, steered by a control map per image; the UNet stays frozen."""
+
+    controlnet_model_name_or_path: str | None = option(
+        None, "Continue training this ControlNet (Hub id, diffusers folder or .safetensors file) instead of a new one "
+              "copied from the UNet.")
+    conditioning_data_dir: str | None = option(
+        None, "Folder of control maps, one per training image, with the same relative path and file stem (any image extension).")
+    conditioning_image_column: str = option("conditioning_image", "Control-map column of --dataset_name or metadata.jsonl.")
+    validation_image: str | None = option(
+        None, "Control map(s) of the validation images, comma-separated (or space-separated, as diffusers' flag).", nargs="+")
+    learning_rate: float = option(5e-6, "Learning rate (diffusers' train_controlnet.py default).")
+    save_single_file: bool = option(True, "Also export one .safetensors file in the original ControlNet layout (ComfyUI, A1111's sd-webui-controlnet).")
+    save_precision: Literal["fp32", "fp16", "bf16"] = option("fp16", "Precision of the single file (the diffusers folder is fp32).")
+
+    method: typing.ClassVar[str] = "controlnet"
+
+
 def check_ready_to_train(config: TrainConfig) -> None:
     """What a run needs beyond valid values: options that go together, packages that must be installed.
 
@@ -401,6 +420,8 @@ def _check_range(config: TrainConfig) -> None:
             raise ValueError(f"ema_decay must be between 0 and 1, got {config.ema_decay}")
         if config.use_ema and config.use_lora:
             raise ValueError("use_ema applies to full fine-tunes; drop it with use_lora")
+    if isinstance(config, ControlNetConfig) and config.with_prior_preservation:
+        raise ValueError("with_prior_preservation is for DreamBooth; a ControlNet keeps the base's prior by leaving the UNet frozen")
     if isinstance(config, LoRAConfig):
         if config.rank <= 0:
             raise ValueError(f"rank must be positive, got {config.rank}")

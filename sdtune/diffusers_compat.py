@@ -1,7 +1,7 @@
 """The flags of diffusers' SD 1.x example scripts that are not sdtune option names.
 
-``train_dreambooth.py``, ``train_dreambooth_lora.py``, ``train_text_to_image_lora.py`` and
-``textual_inversion.py`` command lines keep working after swapping the program name. Most of
+``train_dreambooth.py``, ``train_dreambooth_lora.py``, ``train_text_to_image_lora.py``,
+``textual_inversion.py`` and ``train_controlnet.py`` command lines keep working after swapping the program name. Most of
 their flags are sdtune options of the same name; the rest are listed here, once:
 
 - ALIASES: another name for an sdtune option, with the value it becomes;
@@ -36,6 +36,7 @@ ALIASES: dict[str, Alias] = {
     "use_8bit_adam": Alias("optimizer", lambda text: "adamw8bit" if parse_bool(text) else None, "?"),
     "save_steps": Alias("checkpointing_steps", int),  # textual_inversion.py's embedding snapshots
     "pre_compute_text_embeddings": Alias("cache_text_embeddings", lambda text: True if parse_bool(text) else None, "?"),
+    "proportion_empty_prompts": Alias("caption_dropout_rate", float),  # train_controlnet.py's name
     "offset_noise": Alias("noise_offset", lambda text: 0.1 if parse_bool(text) else None, "?"),  # train_dreambooth.py's fixed 0.1
 }
 

@@ -128,6 +128,7 @@ class Trainer:
             resume = ckpt.resolve_checkpoint(config.resume_from_checkpoint, self.output_dir)
         if config.max_train_samples is not None and config.max_train_samples < len(records):
             records = random.Random(config.seed).sample(records, config.max_train_samples)  # a seeded subset, as diffusers
+        records = self.method.attach_inputs(records)  # e.g. each image's control map
         self._setup_model()
         self._setup_data(records)
         # --num_train_epochs / --validation_epochs become steps now that the epoch's size is known
@@ -212,8 +213,9 @@ class Trainer:
         self.models, self.optimizer = list(prepared[:-1]), prepared[-1]
         # The DDP/autocast wrappers of trained models run the forward pass; frozen models run bare.
         wrapped = {id(model): wrapper for model, wrapper in zip(models, self.models)}
-        self.unet = wrapped.get(id(self.components.unet), self.components.unet)
-        self.text_encoders = [wrapped.get(id(module), module) for module in self.components.text_encoders]
+        self.forward_module = lambda module: wrapped.get(id(module), module)
+        self.unet = self.forward_module(self.components.unet)
+        self.text_encoders = [self.forward_module(module) for module in self.components.text_encoders]
         self.trained_params = [p for group in self.param_groups for p in group["params"]]
 
     def _resume(self, path: Path | None) -> None:
@@ -324,7 +326,10 @@ class Trainer:
         text = self._text_conditioning(batch["caption"], micro_step)
         # the model family's inputs: the text's hidden states, and for SDXL the pooled text and the size numbers
         unet_inputs = components.conditioning.unet_inputs(text, batch["time_ids"], self.weight_dtype)
-        model_pred = self.unet(noisy_latents.to(self.weight_dtype), timesteps, **unet_inputs).sample
+        noisy_latents = noisy_latents.to(self.weight_dtype)
+        # what else the method feeds the UNet (ControlNet: residuals from the control map)
+        unet_inputs.update(self.method.extra_unet_inputs(self.forward_module, noisy_latents, timesteps, unet_inputs, batch))
+        model_pred = self.unet(noisy_latents, timesteps, **unet_inputs).sample
         target = diffusion.training_target(latents, noise, timesteps, alphas_cumprod, components.prediction_type)
         weights = batch["loss_weight"].to(device)  # 1 for instance images, prior_loss_weight for class images
         if config.snr_gamma is not None:
@@ -418,7 +423,7 @@ class Trainer:
                 images = sample_images(
                     self.components, config.validation_prompt, num_images=config.num_validation_images, seed=config.seed,
                     resolution=config.resolution, num_inference_steps=config.validation_inference_steps,
-                    autocast=self.accelerator.autocast,
+                    autocast=self.accelerator.autocast, controls=self.method.validation_controls(self.components),
                 )
             finally:
                 for module, training in modes.items():

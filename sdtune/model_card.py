@@ -12,16 +12,18 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from sdtune.errors import ConfigError
 
-METHOD_TAGS = {"lora": "lora", "dreambooth": "dreambooth", "textual-inversion": "textual-inversion"}
+METHOD_TAGS = {"lora": "lora", "dreambooth": "dreambooth", "textual-inversion": "textual-inversion", "controlnet": "controlnet"}
 BASE_TAGS = ["stable-diffusion", "text-to-image", "diffusers"]
 SECRET_KEY_PARTS = ("token", "secret", "password", "key")
 # Files diffusers loads itself; any other top-level .safetensors is for AUTOMATIC1111/ComfyUI.
-DIFFUSERS_FILES = {"pytorch_lora_weights.safetensors", "learned_embeds.safetensors", "learned_embeds_2.safetensors"}
+DIFFUSERS_FILES = {"pytorch_lora_weights.safetensors", "learned_embeds.safetensors", "learned_embeds_2.safetensors",
+                   "diffusion_pytorch_model.safetensors"}
 SDXL_PIPELINE = "StableDiffusionXLPipeline"
 UI_FOLDERS = {
     "lora": "models/Lora",
     "dreambooth": "models/Stable-diffusion (ComfyUI: models/checkpoints)",
     "textual-inversion": "embeddings (ComfyUI: models/embeddings)",
+    "controlnet": "models/ControlNet (ComfyUI: models/controlnet)",
 }
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _HF_TOKEN_VALUE = re.compile(r"hf_[A-Za-z0-9]{20,}")
@@ -61,7 +63,7 @@ def write_model_card(
 
     Args:
         output_dir: The export folder; the card describes the files found there.
-        method: ``"lora"``, ``"dreambooth"`` or ``"textual-inversion"``.
+        method: ``"lora"``, ``"dreambooth"``, ``"textual-inversion"`` or ``"controlnet"``.
         base_model: The model trained on: a Hub id goes into the metadata, a local path only into the text.
         instance_prompt: The prompt that calls the learned concept, if any.
         trigger_words: Words that must appear in a prompt (e.g. ``["sks"]`` or ``["<cat-toy>"]``).
@@ -124,16 +126,24 @@ def _snippet(method: str, source: str, prompt: str, base_model: str, pipeline_cl
         embeddings = (f"pipe.load_textual_inversion({source}, weight_name=\"learned_embeds.safetensors\")\n"
                       f"pipe.load_textual_inversion({source}, weight_name=\"learned_embeds_2.safetensors\", "
                       "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)")
+    imports, call = pipeline_class, f"pipe({prompt})"
+    if method == "controlnet":  # the family's ControlNet pipeline, steered by a control map
+        imports = pipeline_class.replace("Pipeline", "ControlNetPipeline")
+        pipeline = (f"controlnet = ControlNetModel.from_pretrained({source}, torch_dtype=dtype)\n"
+                    f"pipe = {imports}.from_pretrained({{}}, controlnet=controlnet, torch_dtype=dtype).to(device)")
+        imports = f"ControlNetModel, {imports}\nfrom diffusers.utils import load_image"
+        call = f"pipe({prompt}, image=load_image(\"control.png\"))"
     load = {
         "lora": f"{pipeline.format(base_model)}\npipe.load_lora_weights({source})",
         "dreambooth": pipeline.format(source),
         "textual-inversion": f"{pipeline.format(base_model)}\n{embeddings}",
+        "controlnet": pipeline.format(base_model),
     }[method]
     return (
-        f"```python\nimport torch\nfrom diffusers import {pipeline_class}\n\n"
+        f"```python\nimport torch\nfrom diffusers import {imports}\n\n"
         "device = \"cuda\" if torch.cuda.is_available() else \"mps\" if torch.backends.mps.is_available() else \"cpu\"\n"
         "dtype = torch.float32 if device == \"cpu\" else torch.float16  # fp16 is slow or unsupported on CPUs\n"
-        f"{load}\nimage = pipe({prompt}).images[0]\nimage.save(\"sample.png\")\n```"
+        f"{load}\nimage = {call}.images[0]\nimage.save(\"sample.png\")\n```"
     )
 
 
@@ -149,6 +159,7 @@ def _body(
         "lora": "LoRA adapter weights",
         "dreambooth": "a DreamBooth fine-tune (a full diffusers pipeline)",
         "textual-inversion": "a textual-inversion embedding",
+        "controlnet": "a ControlNet",
     }[method]
     name = repo_id.split("/")[-1] if repo_id else output_dir.resolve().name
     prompt = instance_prompt or (trigger_words[0] if trigger_words else "a photo")

@@ -12,7 +12,8 @@ from pathlib import Path
 import diffusers
 import torch
 from diffusers import (
-    AutoencoderKL, DDPMScheduler, SchedulerMixin, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel,
+    AutoencoderKL, DDPMScheduler, SchedulerMixin, StableDiffusionControlNetPipeline, StableDiffusionPipeline,
+    StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline, UNet2DConditionModel,
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -63,15 +64,22 @@ class Components:
     def is_sdxl(self) -> bool:
         return self.conditioning.family == "sdxl"
 
-    def pipeline(self, scheduler: SchedulerMixin | None = None):
-        """A pipeline over these very modules (trained weights included), for sampling and export."""
+    def pipeline(self, scheduler: SchedulerMixin | None = None, controlnet=None):
+        """A pipeline over these very modules (trained weights included), for sampling and export.
+
+        With ``controlnet`` (one ControlNetModel or a list), the family's ControlNet pipeline.
+        """
         common = dict(vae=self.vae, unet=self.unet, scheduler=scheduler or self.inference_scheduler)
+        if controlnet is not None:
+            common["controlnet"] = controlnet
         if self.is_sdxl:
-            pipe = StableDiffusionXLPipeline(text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
-                                             tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, **common)
+            pipeline_class = StableDiffusionXLControlNetPipeline if controlnet is not None else StableDiffusionXLPipeline
+            pipe = pipeline_class(text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
+                                  tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, **common)
         else:
-            pipe = StableDiffusionPipeline(text_encoder=self.text_encoder, tokenizer=self.tokenizer, safety_checker=None,
-                                           feature_extractor=None, requires_safety_checker=False, **common)
+            pipeline_class = StableDiffusionControlNetPipeline if controlnet is not None else StableDiffusionPipeline
+            pipe = pipeline_class(text_encoder=self.text_encoder, tokenizer=self.tokenizer, safety_checker=None,
+                                  feature_extractor=None, requires_safety_checker=False, **common)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

@@ -36,12 +36,13 @@ def check_before_imports(config: TrainConfig) -> list[Path]:
         ConfigError, DataError, ModelLoadError: the option named, and what to do.
     """
     check_ready_to_train(config)
-    for option in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "single_file_config"):
-        value = getattr(config, option)
+    for option in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "single_file_config",
+                   "controlnet_model_name_or_path"):
+        value = getattr(config, option, None)  # the last is ControlNet's only
         if value and value != "none" and looks_like_local_path(value) and not Path(value).expanduser().exists():
             raise ModelLoadError(f"--{option} {value}: no such file or folder")
-    for option in ("instance_data_dir", "train_data_dir"):
-        value = getattr(config, option)
+    for option in ("instance_data_dir", "train_data_dir", "conditioning_data_dir"):
+        value = getattr(config, option, None)  # the last is ControlNet's only
         if value and not Path(value).is_dir():
             raise DataError(f"--{option} {value}: no such folder")
     if config.push_to_hub and hub_offline():

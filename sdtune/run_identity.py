@@ -88,10 +88,11 @@ def run_identity(config_dict: dict, data_fingerprint: str) -> dict:
 
 
 def data_fingerprint(samples) -> str:
-    """A hash of the training samples: each image's content, crop, caption and loss weight, in order."""
+    """A hash of the training samples: each image's content, crop, caption, loss weight and control map, in order."""
     digest = hashlib.sha256()
     for sample in samples:
-        digest.update(f"{sample.image_hash}|{sample.placement}|{sample.caption}|{sample.loss_weight}\n".encode())
+        control = f"|{sample.control_hash}" if sample.control_hash else ""  # unchanged for runs without control maps
+        digest.update(f"{sample.image_hash}|{sample.placement}|{sample.caption}|{sample.loss_weight}{control}\n".encode())
     return digest.hexdigest()
 
 

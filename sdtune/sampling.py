@@ -24,8 +24,11 @@ def generate(
     guidance_scale: float = 7.5,
     negative_prompt: str | None = None,
     autocast=None,
+    **pipeline_kwargs,
 ) -> list[Image.Image]:
     """One image per (prompt, generator) at ``size`` (width, height), in one pipeline call.
+
+    ``pipeline_kwargs`` go to the pipeline call (e.g. a ControlNet pipeline's control image and scale).
 
     ``autocast`` (the accelerator's) is used when the model mixes dtypes (fp32 trained weights on
     an fp16/bf16 frozen base) or runs on a GPU; an all-fp32 model on the CPU runs without it
@@ -38,7 +41,7 @@ def generate(
         latents = pipe(
             prompts, negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
             height=size[1], width=size[0], num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, generator=generators, output_type="latent",
+            guidance_scale=guidance_scale, generator=generators, output_type="latent", **pipeline_kwargs,
         ).images
     vae = pipe.vae
     images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
@@ -56,15 +59,26 @@ def sample_images(
     guidance_scale: float = 7.5,
     negative_prompt: str | None = None,
     autocast=None,
+    controls: tuple | None = None,
 ) -> list[Image.Image]:
     """``num_images`` validation images of ``prompt`` from the model being trained (adapters included).
 
-    Image ``i`` uses seed ``seed + i``, so images of different steps are comparable.
+    Image ``i`` uses seed ``seed + i``, so images of different steps are comparable. With
+    ``controls`` (a ControlNet and its control maps), ``num_images`` images per control map.
     """
-    pipe = components.pipeline(scheduler=DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config))
+    scheduler = DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config)
+    common = dict(size=(resolution, resolution), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                  negative_prompt=negative_prompt, autocast=autocast)
     generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
-    return generate(pipe, [prompt] * num_images, generators, size=(resolution, resolution), num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale, negative_prompt=negative_prompt, autocast=autocast)
+    if controls is None:
+        return generate(components.pipeline(scheduler=scheduler), [prompt] * num_images, generators, **common)
+    controlnet, maps = controls
+    pipe = components.pipeline(scheduler=scheduler, controlnet=controlnet)
+    images = []
+    for control in maps:
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
+        images += generate(pipe, [prompt] * num_images, generators, image=control, **common)
+    return images
 
 
 def save_images(images: list[Image.Image], folder: Path, stem: str = "image") -> list[Path]:
@@ -117,6 +131,10 @@ def png_parameters(prompt: str, config, seed: int, size: tuple[int, int]) -> str
         fields.append(f"Embeddings: {config.embedding}")
     if config.init_image:
         fields.append(f"Denoising strength: {config.strength}")
+    if config.controlnet:
+        from sdtune.control import png_fields
+
+        fields += png_fields(config)
     return "\n".join(lines + [", ".join(fields)])
 
 
@@ -137,13 +155,22 @@ def run_generate(config) -> list[Path]:
         single_file_config=config.single_file_config, allow_pickle=config.allow_pickle, weight_dtype=dtype,
         vae_name_or_path=config.pretrained_vae_model_name_or_path,
     )
-    pipe = components.pipeline(scheduler=make_scheduler(config.scheduler, components.noise_scheduler.config))
-    pipe.to("cuda" if cuda else "cpu")
+    device = "cuda" if cuda else "cpu"
+    native = components.unet.config.sample_size * 2 ** (len(components.vae.config.block_out_channels) - 1)
+    size = (config.width or native, config.height or native)
+    controls = None
+    if config.controlnet:
+        from sdtune.control import load_controls
+
+        controls = load_controls(config, size, dtype, device)
+    pipe = components.pipeline(scheduler=make_scheduler(config.scheduler, components.noise_scheduler.config),
+                               controlnet=controls.pipeline_model if controls else None)
+    pipe.to(device)
     _add_lora(pipe, config)
     _add_embeddings(pipe, config)
+    if config.refiner and controls:
+        raise ConfigError("--refiner and --controlnet cannot be combined yet; generate with one of them")
     refiner = _load_refiner(pipe, config, dtype) if config.refiner else None
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    size = (config.width or native, config.height or native)
     init = _init_image(config, size)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,7 +181,7 @@ def run_generate(config) -> list[Path]:
             if init is not None and config.strength == 0:
                 image = init.copy()  # nothing to denoise: strength 0 keeps the init image
             else:
-                image = _one_image(pipe, prompt, config, seed, size, init, refiner)
+                image = _one_image(pipe, prompt, config, seed, size, init, refiner, controls)
             info = PngImagePlugin.PngInfo()
             info.add_text("parameters", png_parameters(prompt, config, seed, size))
             path = out / f"{p:03d}-{i:02d}-seed{seed}.png"
@@ -166,10 +193,13 @@ def run_generate(config) -> list[Path]:
     return paths
 
 
-def _one_image(pipe, prompt: str, config, seed: int, size: tuple[int, int], init, refiner=None) -> Image.Image:
+def _one_image(pipe, prompt: str, config, seed: int, size: tuple[int, int], init, refiner=None,
+               controls=None) -> Image.Image:
     generator = torch.Generator().manual_seed(seed)
     common = dict(negative_prompt=config.negative_prompt, num_inference_steps=config.num_inference_steps,
                   guidance_scale=config.guidance_scale)
+    if controls is not None:
+        common.update(controls.call_kwargs(img2img=init is not None))
     if refiner is not None:  # SDXL's ensemble of experts: the base denoises the first part, the refiner the rest
         latents = pipe(prompt, height=size[1], width=size[0], denoising_end=config.refiner_start, output_type="latent",
                        generator=generator, **common).images

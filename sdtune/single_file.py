@@ -232,7 +232,7 @@ def unet_original_names(unet) -> dict[str, str]:
     for j in range(len(getattr(unet.mid_block, "attentions", None) or ())):
         _add(names, f"mid_block.attentions.{j}", f"middle_block.{2 * j + 1}")
     index = 0
-    for i, block in enumerate(unet.up_blocks):
+    for i, block in enumerate(getattr(unet, "up_blocks", ())):  # a ControlNet has the encoder half only
         attentions = getattr(block, "attentions", None)
         for j in range(len(block.resnets)):
             _add(names, f"up_blocks.{i}.resnets.{j}", f"output_blocks.{index}.0", UNET_RESNET)
@@ -242,6 +242,40 @@ def unet_original_names(unet) -> dict[str, str]:
         if block.upsamplers:  # part of the level's last output block, after its resnet and attention
             _add(names, f"up_blocks.{i}.upsamplers.0.conv", f"output_blocks.{index - 1}.{2 if attentions else 1}.conv")
     return names
+
+
+def controlnet_original_names(controlnet) -> dict[str, str]:
+    """diffusers module name -> original ControlNet (``cldm``) module name.
+
+    The encoder half is named as in the UNet; the rest is ControlNet's own: the conditioning
+    embedding is ``input_hint_block`` (a Sequential with a SiLU between convolutions, so every
+    other index), the zero convolutions after each input block are ``zero_convs.i.0``, and the one
+    after the middle block is ``middle_block_out.0``.
+    """
+    names = unet_original_names(controlnet)
+    embedding = controlnet.controlnet_cond_embedding
+    convs = ["conv_in", *(f"blocks.{i}" for i in range(len(embedding.blocks))), "conv_out"]
+    for i, conv in enumerate(convs):
+        _add(names, f"controlnet_cond_embedding.{conv}", f"input_hint_block.{2 * i}")
+    for i in range(len(controlnet.controlnet_down_blocks)):
+        _add(names, f"controlnet_down_blocks.{i}", f"zero_convs.{i}.0")
+    _add(names, "controlnet_mid_block", "middle_block_out.0")
+    return names
+
+
+def save_controlnet_single_file(path: str | Path, controlnet, dtype: torch.dtype | None = torch.float16) -> Path:
+    """Write a diffusers ``ControlNetModel`` as one original-layout ``.safetensors`` file, atomically.
+
+    The layout of lllyasviel's ControlNet 1.1 files (no ``control_model.`` prefix), which ComfyUI's
+    ControlNet loader and A1111's sd-webui-controlnet read.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: a single-file ControlNet is written as .safetensors only")
+    tensors = _rename(controlnet.state_dict(), controlnet_original_names(controlnet), "")
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    return atomic_save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
 
 
 def _vae_names(vae) -> dict[str, str]:

@@ -13,6 +13,7 @@ import torch
 
 from sdtune.conditioning import size_conditioning
 from sdtune.data.captions import augment_caption
+from sdtune.data.control_images import check_control_size, control_tensor
 from sdtune.data.images import BadImage, Placement, choose_bucket, make_buckets, open_rgb, place, to_tensor
 from sdtune.data.sources import ImageRecord
 from sdtune.errors import DataError
@@ -29,6 +30,7 @@ class Sample:
     placement: Placement
     caption: str
     loss_weight: float
+    control_hash: str = ""  # ControlNet: content hash of the control map ("" without one)
 
     @property
     def bucket(self) -> tuple[int, int]:
@@ -60,6 +62,12 @@ def prepare_samples(
         try:
             data = record.read_bytes()
             image = open_rgb(data, record.name)
+            control_hash = ""
+            if record.conditioning is not None:  # ControlNet: the image's control map
+                control_data = record.conditioning.read_bytes()
+                control = open_rgb(control_data, record.conditioning.name)
+                check_control_size(image, control, record.name, record.conditioning.name)
+                control_hash = hashlib.sha256(control_data).hexdigest()
         except (BadImage, OSError) as err:
             logger.warning("skipping %s: %s", record.name, err)
             continue
@@ -77,7 +85,7 @@ def prepare_samples(
         image_hash = hashlib.sha256(data).hexdigest()
         # A random crop is drawn once per image (from the seed and the image), so cached latents stay valid.
         placement = place(image.size, target, center_crop=center_crop, rng=random.Random(f"{seed}:{image_hash}"))
-        samples.append(Sample(record, image_hash, placement, caption, record.loss_weight))
+        samples.append(Sample(record, image_hash, placement, caption, record.loss_weight, control_hash))
     if uncaptioned:
         raise DataError(
             f"{len(uncaptioned)} image(s) have no caption (first: {uncaptioned[0]}); "
@@ -134,6 +142,9 @@ class TrainDataset(torch.utils.data.Dataset):
         else:
             image = open_rgb(sample.record.read_bytes(), sample.record.name)
             example["pixel_values"] = to_tensor(image, sample.placement, flip)
+        control = sample.record.conditioning
+        if control is not None:
+            example["conditioning_pixel_values"] = control_tensor(open_rgb(control.read_bytes(), control.name), sample.placement, flip)
         return example
 
 

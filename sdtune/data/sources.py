@@ -25,6 +25,7 @@ class ImageRecord:
     dataset: Any = None  # a `datasets.Dataset` whose image column is undecoded ({"bytes", "path"})
     row: int = -1
     image_column: str = "image"
+    conditioning: ImageRecord | None = None  # ControlNet: the control map of this image (see data.control_images)
 
     def read_bytes(self) -> bytes:
         if self.path is not None:

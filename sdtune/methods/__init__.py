@@ -54,6 +54,31 @@ class Method(Protocol):
         Training goes on afterwards: nothing here may change the trained or the EMA weights.
         """
 
+    # The seams of methods that add inputs to the UNet (ControlNet); MethodDefaults has the plain answers.
+    def attach_inputs(self, records: list) -> list:
+        """The training records with what else each image needs (e.g. its control map)."""
+
+    def extra_unet_inputs(self, forward_module, noisy_latents: torch.Tensor, timesteps: torch.Tensor, unet_inputs: dict,
+                          batch: dict) -> dict:
+        """More keyword arguments of the UNet's forward (e.g. ControlNet residuals). ``forward_module(m)`` is the
+        wrapper (DDP, autocast) to run a trained module ``m`` through."""
+
+    def validation_controls(self, components: Components):
+        """``(controlnet, control images)`` that validation images are conditioned on, or None."""
+
+
+class MethodDefaults:
+    """The Method seams for methods that feed the UNet nothing beyond the noisy latents and the text."""
+
+    def attach_inputs(self, records: list) -> list:
+        return records
+
+    def extra_unet_inputs(self, forward_module, noisy_latents, timesteps, unet_inputs, batch) -> dict:
+        return {}
+
+    def validation_controls(self, components: Components):
+        return None
+
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]

@@ -17,13 +17,13 @@ from diffusers.training_utils import EMAModel
 
 from sdtune.config import DreamBoothConfig
 from sdtune.export import add_text_model_level_to_saved_text_encoder, save_precision_dtype, save_tokenizer_vocab_files
-from sdtune.methods import text_encoder_learning_rates, trainable_parameters, unwrap_model
+from sdtune.methods import MethodDefaults, text_encoder_learning_rates, trainable_parameters, unwrap_model
 from sdtune.models import Components
 
 SINGLE_FILE_NAME = "model.safetensors"
 
 
-class DreamBoothMethod:
+class DreamBoothMethod(MethodDefaults):
     default_caption = None
     card_type = "dreambooth"  # for the model card's tags and usage snippet
 

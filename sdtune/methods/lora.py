@@ -20,7 +20,7 @@ from sdtune.export import (
     save_kohya_lora,
     with_text_model_level,
 )
-from sdtune.methods import text_encoder_learning_rates, trainable_parameters, unwrap_model
+from sdtune.methods import MethodDefaults, text_encoder_learning_rates, trainable_parameters, unwrap_model
 from sdtune.methods.embeddings import NewTokenEmbeddings, a1111_vectors, save_embedding_files
 from sdtune.models import Components
 
@@ -44,7 +44,7 @@ def unet_target_modules(unet: torch.nn.Module, targets: str) -> list[str]:
     return [name for name, _ in unet.named_modules() if any(p.fullmatch(name) for p in patterns)]
 
 
-class LoRAMethod:
+class LoRAMethod(MethodDefaults):
     """Trains low-rank adapters; the base weights never change.
 
     With ``train_text_embeddings`` (pivotal tuning) it also learns new token embeddings, with their

@@ -9,6 +9,7 @@ import torch
 
 from sdtune.config import TextualInversionConfig
 from sdtune.methods.embeddings import NewTokenEmbeddings, save_embedding_files
+from sdtune.methods import MethodDefaults
 from sdtune.models import Components
 
 # Captions for images without one. {} is the placeholder token.
@@ -37,7 +38,7 @@ def caption_from_templates(caption: str, rng: random.Random, placeholder_token: 
     return rng.choice(templates).format(placeholder_token)
 
 
-class TextualInversionMethod:
+class TextualInversionMethod(MethodDefaults):
     def __init__(self, config: TextualInversionConfig):
         self.config = config
         self.embeddings = NewTokenEmbeddings(config.placeholder_token, config.initializer_token, config.num_vectors)
