@@ -1,11 +1,13 @@
 """diffusers' own SD 1.x example tests, with sdtune in place of the script.
 
 Each test below is one test of examples/dreambooth/test_dreambooth.py, test_dreambooth_lora.py,
-examples/text_to_image/test_text_to_image_lora.py or examples/textual_inversion/test_textual_inversion.py
-(same name, same flags and values), run through sdtune's CLI and asserting what the diffusers test
-asserts. Only the Hub ids are local stand-ins: the tiny model fixture for
-hf-internal-testing/tiny-stable-diffusion-torch, four uncaptioned images for docs/source/en/imgs, and
-an imagefolder with a text column for hf-internal-testing/dummy_image_text_data.
+examples/text_to_image/test_text_to_image_lora.py, examples/textual_inversion/test_textual_inversion.py
+or examples/controlnet/test_controlnet.py (same name, same flags and values), run through sdtune's CLI
+and asserting what the diffusers test asserts. Only the Hub ids are local stand-ins: the tiny model
+fixture for hf-internal-testing/tiny-stable-diffusion-torch, four uncaptioned images for
+docs/source/en/imgs, an imagefolder with a text column for hf-internal-testing/dummy_image_text_data,
+and for the ControlNet tests a parquet dataset with image, conditioning_image and text columns for
+hf-internal-testing/fill10, and ControlNets copied from the tiny UNets for the tiny-controlnet ids.
 """
 
 import json
@@ -25,6 +27,8 @@ PROGRAMS = {
     "examples/dreambooth/train_dreambooth_lora.py": ["train-dreambooth", "--use_lora"],
     "examples/text_to_image/train_text_to_image_lora.py": ["train-lora"],
     "examples/textual_inversion/textual_inversion.py": ["train-textual-inversion"],
+    "examples/controlnet/train_controlnet.py": ["train-controlnet"],
+    "examples/controlnet/train_controlnet_sdxl.py": ["train-controlnet"],
 }
 
 
@@ -489,3 +493,113 @@ def test_textual_inversion_checkpointing_checkpoints_total_limit_removes_multipl
     # diffusers asserts {"checkpoint-2", "checkpoint-3"}: resumed at --max_train_steps, its script trains
     # one step past the end. sdtune stops where it was told (README, "diffusers command lines").
     assert _checkpoints(tmpdir) == {"checkpoint-1", "checkpoint-2"}
+
+
+# ----------------------------------------------------------------------------- test_controlnet.py
+
+
+@pytest.fixture(scope="module")
+def controlnet_run(stand_ins, tiny_sdxl_model, tmp_path_factory):
+    """``run`` with the ControlNet tests' stand-ins too: fill10, and a tiny ControlNet per tiny model."""
+    import datasets
+    from diffusers import ControlNetModel
+
+    from sdtune.control import canny
+    from sdtune.methods.controlnet import conditioning_embedding_channels
+    from sdtune.models import load_components
+
+    root = tmp_path_factory.mktemp("controlnet-data")
+    images = render_shape_dataset(root / "images", num_images=4)
+    edges = []
+    for path in sorted(images.glob("*.png")):
+        from PIL import Image
+
+        canny(Image.open(path).convert("RGB")).save(root / f"edges-{path.name}")
+        edges.append(str(root / f"edges-{path.name}"))
+    table = datasets.Dataset.from_dict({"image": [str(p) for p in sorted(images.glob("*.png"))], "conditioning_image": edges,
+                                        "text": [f"a shape {i}" for i in range(len(edges))]})
+    table = table.cast_column("image", datasets.Image()).cast_column("conditioning_image", datasets.Image())
+    (root / "fill10" / "data").mkdir(parents=True)
+    table.to_parquet(str(root / "fill10" / "data" / "train-00000-of-00001.parquet"))
+    local = dict(stand_ins, **{"hf-internal-testing/fill10": str(root / "fill10"),
+                               "hf-internal-testing/tiny-stable-diffusion-xl-pipe": str(tiny_sdxl_model)})
+    for hub_id, model in (("hf-internal-testing/tiny-controlnet-sdxl", tiny_sdxl_model),
+                          ("hf-internal-testing/tiny-controlnet", stand_ins["hf-internal-testing/tiny-stable-diffusion-torch"])):
+        components = load_components(str(model))
+        controlnet = ControlNetModel.from_unet(components.unet,
+                                               conditioning_embedding_out_channels=conditioning_embedding_channels(components.vae))
+        controlnet.save_pretrained(root / hub_id.split("/")[1])
+        local[hub_id] = str(root / hub_id.split("/")[1])
+
+    def run(test_args: str) -> None:
+        script, *args = test_args.split()
+        assert main([*PROGRAMS[script], *(_local(a, local) for a in args)]) == 0
+
+    return run
+
+
+def test_controlnet_checkpointing_checkpoints_total_limit(controlnet_run, tmp_path):
+    tmpdir = tmp_path
+    controlnet_run(f"""
+        examples/controlnet/train_controlnet.py
+        --pretrained_model_name_or_path=hf-internal-testing/tiny-stable-diffusion-torch
+        --dataset_name=hf-internal-testing/fill10
+        --output_dir={tmpdir}
+        --resolution=64
+        --train_batch_size=1
+        --gradient_accumulation_steps=1
+        --max_train_steps=6
+        --checkpoints_total_limit=2
+        --checkpointing_steps=2
+        --controlnet_model_name_or_path=hf-internal-testing/tiny-controlnet
+        """)
+    assert _checkpoints(tmpdir) == {"checkpoint-4", "checkpoint-6"}
+
+
+def test_controlnet_checkpointing_checkpoints_total_limit_removes_multiple_checkpoints(controlnet_run, tmp_path):
+    tmpdir = tmp_path
+    controlnet_run(f"""
+        examples/controlnet/train_controlnet.py
+        --pretrained_model_name_or_path=hf-internal-testing/tiny-stable-diffusion-torch
+        --dataset_name=hf-internal-testing/fill10
+        --output_dir={tmpdir}
+        --resolution=64
+        --train_batch_size=1
+        --gradient_accumulation_steps=1
+        --controlnet_model_name_or_path=hf-internal-testing/tiny-controlnet
+        --max_train_steps=6
+        --checkpointing_steps=2
+        """)
+    assert _checkpoints(tmpdir) == {"checkpoint-2", "checkpoint-4", "checkpoint-6"}
+    controlnet_run(f"""
+        examples/controlnet/train_controlnet.py
+        --pretrained_model_name_or_path=hf-internal-testing/tiny-stable-diffusion-torch
+        --dataset_name=hf-internal-testing/fill10
+        --output_dir={tmpdir}
+        --resolution=64
+        --train_batch_size=1
+        --gradient_accumulation_steps=1
+        --controlnet_model_name_or_path=hf-internal-testing/tiny-controlnet
+        --max_train_steps=8
+        --checkpointing_steps=2
+        --resume_from_checkpoint=checkpoint-6
+        --checkpoints_total_limit=2
+        """)
+    assert _checkpoints(tmpdir) == {"checkpoint-6", "checkpoint-8"}
+
+
+def test_controlnet_sdxl(controlnet_run, tmp_path):
+    tmpdir = tmp_path
+    controlnet_run(f"""
+        examples/controlnet/train_controlnet_sdxl.py
+        --pretrained_model_name_or_path=hf-internal-testing/tiny-stable-diffusion-xl-pipe
+        --dataset_name=hf-internal-testing/fill10
+        --output_dir={tmpdir}
+        --resolution=64
+        --train_batch_size=1
+        --gradient_accumulation_steps=1
+        --controlnet_model_name_or_path=hf-internal-testing/tiny-controlnet-sdxl
+        --max_train_steps=4
+        --checkpointing_steps=2
+        """)
+    assert os.path.isfile(os.path.join(tmpdir, "diffusion_pytorch_model.safetensors"))
