@@ -83,9 +83,14 @@ def _caption(config: CaptionConfig) -> None:
 
 
 def _demo(config: DemoConfig) -> None:
+    kwargs = {"base": config.base_model} if config.base_model else {}
+    if config.controlnet:
+        from sdtune.toy.controlnet_demo import run_controlnet_demo
+
+        run_controlnet_demo(config.output_dir, seed=config.seed, **kwargs)
+        return
     from sdtune.toy.demo import run_demo
 
-    kwargs = {"base": config.base_model} if config.base_model else {}
     run_demo(config.output_dir, quick=config.quick, seed=config.seed, **kwargs)
 
 

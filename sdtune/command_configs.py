@@ -151,6 +151,8 @@ class DemoConfig:
     quick: bool = option(False, "Judge fewer samples: the same training in about half the time, with noisier figures.")
     seed: int = option(0, "Seed of the data, the training runs and the evaluation samples.")
     base_model: str | None = option(None, "Toy base model folder (default: the one shipped with sdtune).")
+    controlnet: bool = option(False, "Instead: train a ControlNet on masks of the toy world and measure how well the base "
+                                     "then puts shapes where a mask says (controlnet.png, metrics.json).")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
