@@ -274,3 +274,13 @@ def test_the_toy_controlnet_puts_shapes_where_the_mask_says(tmp_path):
     assert with_cn["position_iou"] > without["position_iou"] + 0.2
     assert with_cn["color"] >= 0.9 and with_cn["background"] >= 0.9
     assert (tmp_path / "controlnet.png").is_file()
+
+
+def test_sdxl_controlnet_trains_and_generates(cn_config, tiny_sdxl_model, shapes_dir, tmp_path):
+    config = dataclasses.replace(cn_config, pretrained_model_name_or_path=str(tiny_sdxl_model), max_train_steps=2)
+    train_controlnet(config)
+    photo = sorted(shapes_dir.glob("*.png"))[0]
+    assert main(["generate", "--pretrained_model_name_or_path", str(tiny_sdxl_model), "--prompt", "a red circle",
+                 "--num_inference_steps", "2", "--output_dir", str(tmp_path / "xl"), "--controlnet", config.output_dir,
+                 "--control_image", str(photo), "--control_type", "canny"]) == 0
+    assert len(list((tmp_path / "xl").glob("*.png"))) == 1
