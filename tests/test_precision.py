@@ -7,11 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdtune import DreamBoothConfig, LoRAConfig, TextualInversionConfig, train_dreambooth, train_lora, train_textual_inversion
+from sdtune import (
+    ControlNetConfig, DreamBoothConfig, LoRAConfig, TextualInversionConfig, train_controlnet, train_dreambooth, train_lora,
+    train_textual_inversion,
+)
 from sdtune.errors import ConfigError
 from sdtune.precision import cpu_has_amx_bf16, resolve_mixed_precision
 
-METHODS = ["lora", "dreambooth", "dreambooth_lora", "textual_inversion", "pivotal"]
+METHODS = ["lora", "dreambooth", "dreambooth_lora", "textual_inversion", "pivotal", "controlnet"]
 
 
 def _run(method: str, mixed_precision: str, tiny_model, shapes_dir, tmp_path):
@@ -31,6 +34,17 @@ def _run(method: str, mixed_precision: str, tiny_model, shapes_dir, tmp_path):
         return train_dreambooth(DreamBoothConfig(**common, **prior, learning_rate=1e-4, save_single_file=True))
     if method == "dreambooth_lora":
         return train_dreambooth(DreamBoothConfig(**common, **prior, use_lora=True, rank=2, learning_rate=1e-4))
+    if method == "controlnet":
+        from PIL import Image
+
+        from sdtune.control import canny
+
+        maps = tmp_path / "edges"
+        maps.mkdir()
+        for path in shapes_dir.glob("*.png"):
+            canny(Image.open(path).convert("RGB")).save(maps / path.name)
+        return train_controlnet(ControlNetConfig(**common, conditioning_data_dir=str(maps), learning_rate=1e-4,
+                                                 validation_image=str(maps / path.name)))
     if method == "textual_inversion":
         common.pop("instance_data_dir"), common.pop("instance_prompt")
         return train_textual_inversion(TextualInversionConfig(**{**common, **token}, train_data_dir=str(shapes_dir)))
@@ -40,6 +54,7 @@ def _run(method: str, mixed_precision: str, tiny_model, shapes_dir, tmp_path):
 EXPECTED_OUTPUTS = {
     "lora": {"diffusers", "kohya"}, "dreambooth_lora": {"diffusers", "kohya"}, "pivotal": {"diffusers", "kohya", "embeddings"},
     "dreambooth": {"pipeline", "single_file"}, "textual_inversion": {"diffusers", "a1111"},
+    "controlnet": {"controlnet", "single_file"},
 }
 
 

@@ -109,7 +109,15 @@ class ControlNetMethod:
 
         images = read_control_images(self.config.validation_image, "--validation_image",
                                      size=(self.config.resolution, self.config.resolution))
-        return unwrap_model(self.controlnet), images
+        controlnet, dtype = unwrap_model(self.controlnet), components.unet.dtype
+        if dtype != torch.float32:
+            # A copy in the frozen UNet's dtype, built fresh: under mixed precision accelerate patched the trained
+            # module's forward to return fp32, and fp32 residuals added to the UNet's bf16 activations reach its
+            # bf16 norms as fp32 (an error on the CPU).
+            copy = ControlNetModel.from_config(controlnet.config)
+            copy.load_state_dict(controlnet.state_dict())
+            controlnet = copy.to(controlnet.device, dtype).eval()
+        return controlnet, images
 
     def after_step(self, components: Components) -> None:
         pass
