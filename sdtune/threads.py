@@ -7,6 +7,12 @@ thread (21x per step). So sdtune counts the cores this process may actually use 
 and its cgroup's CPU quota, not ``os.cpu_count()``), divides them among the processes of this
 machine (``LOCAL_WORLD_SIZE``, set by accelerate and torchrun), and tells torch.
 
+A single process also leaves out the cores other work keeps busy when it starts (measured over a
+quarter of a second from /proc/stat, minus this process's own time): on the toy base beside one
+busy process, two threads ran 3.2 steps/s and one thread 7.6, against 9.4 and 8.4 on the quiet
+machine (benchmarks/README.md, threads_under_load.py). The count is chosen once, at the start, and
+logged: a thread count that changed during a run would change its results' bits.
+
 Order of precedence: ``--num_threads``; then ``OMP_NUM_THREADS`` when the user set it (an explicit
 choice, e.g. by a job scheduler); then the count above.
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -57,15 +64,58 @@ def local_processes() -> int:
         return 1
 
 
+def busy_cores_of_others(interval: float = 0.25, proc_stat: Path = Path("/proc/stat")) -> float | None:
+    """How many of this process's CPUs other work kept busy over ``interval`` seconds (None where unknown).
+
+    From the per-CPU counters of /proc/stat, for the CPUs of this process's affinity only, minus
+    this process's own CPU time in the same window.
+    """
+    try:
+        cpus = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+    except AttributeError:  # not Linux
+        return None
+
+    def busy_seconds() -> float | None:
+        try:
+            lines = proc_stat.read_text().splitlines()
+        except OSError:
+            return None
+        ticks = 0
+        for line in lines:
+            name, *values = line.split()
+            if name in cpus:
+                counts = [int(v) for v in values[:8]]  # user nice system idle iowait irq softirq steal
+                ticks += sum(counts) - counts[3] - counts[4]
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    start, own_start, wall_start = busy_seconds(), sum(os.times()[:2]), time.perf_counter()
+    time.sleep(interval)
+    end, own_end, wall_end = busy_seconds(), sum(os.times()[:2]), time.perf_counter()
+    if start is None or end is None:
+        return None
+    return max(0.0, ((end - start) - (own_end - own_start)) / (wall_end - wall_start))
+
+
 def choose_threads(num_threads: int | None = None, cgroup_root: Path = CGROUP_ROOT) -> tuple[int, str]:
-    """The thread count for this process, and where it came from (for the log)."""
+    """The thread count for this process, and where it came from (for the log).
+
+    Other work's load is measured for a single process only: the ranks of a multi-process launch
+    keep each other busy at the start.
+    """
     if num_threads:
         return num_threads, "--num_threads"
     from_env = os.environ.get("OMP_NUM_THREADS", "")
     if from_env.isdigit() and int(from_env) > 0:
         return int(from_env), "OMP_NUM_THREADS"
     cores, processes = usable_cores(cgroup_root), local_processes()
-    return max(1, cores // processes), f"{cores} usable core(s) / {processes} process(es) on this machine"
+    threads, why = max(1, cores // processes), f"{cores} usable core(s) / {processes} process(es) on this machine"
+    if processes == 1 and cores > 1:
+        busy = busy_cores_of_others()
+        taken = int(busy + 0.5) if busy is not None else 0  # a core at least half busy is not ours
+        if taken:
+            threads = max(1, cores - taken)
+            why = f"{cores} usable core(s), {busy:.1f} kept busy by other work at the start; --num_threads to choose"
+    return threads, why
 
 
 def set_torch_threads(num_threads: int | None = None) -> int:

@@ -16,6 +16,7 @@ def machine(monkeypatch, tmp_path):
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(8)))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(threads, "busy_cores_of_others", lambda: 0.0)  # a quiet machine
     return tmp_path  # an empty cgroup root
 
 
@@ -64,3 +65,35 @@ def test_num_threads_reaches_torch_in_training(lora_config, monkeypatch):
         assert seen == [wanted] and torch.get_num_threads() == wanted
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cores, busy, expected", [(2, 1.0, 1), (2, 0.3, 2), (8, 1.6, 6), (2, 3.0, 1), (2, None, 2)])
+def test_a_single_process_leaves_the_cores_other_work_keeps_busy(machine, monkeypatch, cores, busy, expected):
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(threads, "busy_cores_of_others", lambda: busy)  # None: not measurable (not Linux)
+    count, why = choose_threads(cgroup_root=machine)
+    assert count == expected
+    assert ("kept busy by other work" in why) == (expected < cores)
+
+
+def test_a_launch_divides_the_cores_without_measuring_load(machine, monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(threads, "busy_cores_of_others", lambda: pytest.fail("measured"))
+    assert choose_threads(cgroup_root=machine)[0] == 4
+
+
+def test_busy_cores_are_read_from_proc_stat_for_this_process_cpus_minus_its_own_time(monkeypatch, tmp_path):
+    """cpu0 and cpu1 are ours; cpu2 is not. Over 1 s, cpu0 is busy 1 s, cpu1 idle, cpu2 busy (not counted)."""
+    stat = tmp_path / "stat"
+    tick = threads.os.sysconf("SC_CLK_TCK")
+
+    def write(busy_ticks):  # user nice system idle iowait irq softirq steal
+        stat.write_text(f"cpu  0 0 0 0 0 0 0 0\ncpu0 {busy_ticks} 0 0 100 5 0 0 0\ncpu1 0 0 0 100 0 0 0 0\n"
+                        f"cpu2 {busy_ticks} 0 0 0 0 0 0 0\n")
+
+    clock = iter([0.0, 1.0])
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(threads.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(threads.time, "sleep", lambda seconds: write(tick))  # one second of cpu0's ticks
+    write(0)
+    assert threads.busy_cores_of_others(proc_stat=stat) == pytest.approx(1.0, abs=0.05)
