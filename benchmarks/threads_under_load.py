@@ -10,9 +10,11 @@ median of --repeats runs, all taken in the same invocation:
 --sd15 adds the SD 1.5 architecture (random weights, see vs_diffusers.py) at 128 px, batch 1.
 
 Configurations:
-  sdtune default      threads = usable cores (affinity, cgroup quota) / local processes; OpenMP's own wait policy
-  1 thread            --num_threads 1
-  default, PASSIVE    threads as sdtune chooses, OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep, not spin)
+  all cores                  one thread per usable core (torch's default on an unshared machine)
+  1 thread                   --num_threads 1
+  all cores, PASSIVE         as all cores, with OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep, not spin)
+  sdtune default             sdtune's choice: usable cores (affinity, quota) / local processes, less the cores
+                             other work keeps busy at the start (sdtune/threads.py)
 """
 
 from __future__ import annotations
@@ -28,11 +30,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+ALL_CORES = str(len(os.sched_getaffinity(0)))
 CONFIGS = {
-    "sdtune default": ({}, []),
+    "all cores (torch's default)": ({}, ["--num_threads", ALL_CORES]),
     "1 thread": ({}, ["--num_threads", "1"]),
-    "default, OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, []),
+    "all cores, OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, ["--num_threads", ALL_CORES]),
+    "sdtune default (load-aware)": ({}, []),
 }
+LOADS = ("quiet", "beside 1 busy process")
 SPEED = re.compile(r"([0-9.]+) steps/s")
 
 
@@ -80,21 +85,23 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sd15", action="store_true")
+    parser.add_argument("--sd15_repeats", type=int, default=None, help="Repeats of the SD 1.5 runs (default: --repeats).")
+    parser.add_argument("--loads", nargs="+", default=list(LOADS), choices=LOADS)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    jobs = {"toy base, LoRA, 32 px, batch 4": toy_job(args.work)}
+    jobs = {"toy base, LoRA, 32 px, batch 4": (*toy_job(args.work), args.repeats)}
     if args.sd15:
-        jobs["SD 1.5 architecture, LoRA, 128 px, batch 1"] = sd15_job(args.work)
+        jobs["SD 1.5 architecture, LoRA, 128 px, batch 1"] = (*sd15_job(args.work), args.sd15_repeats or args.repeats)
     rows = []
-    for job_name, (job, steps) in jobs.items():
-        for load in ("quiet", "beside 1 busy process"):
+    for job_name, (job, steps, repeats) in jobs.items():
+        for load in args.loads:
             competitor = None
             if load != "quiet":
                 competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"])
                 time.sleep(1)
             try:
                 for name, (env, extra) in CONFIGS.items():
-                    speeds = [run(job, steps, args.work / "out", env, extra) for _ in range(args.repeats)]
+                    speeds = [run(job, steps, args.work / "out", env, extra) for _ in range(repeats)]
                     rows.append((job_name, load, name, statistics.median(speeds), speeds))
                     print(f"{job_name} | {load} | {name} | {statistics.median(speeds):.2f} steps/s {speeds}", flush=True)
             finally:
