@@ -284,3 +284,15 @@ def test_sdxl_controlnet_trains_and_generates(cn_config, tiny_sdxl_model, shapes
                  "--num_inference_steps", "2", "--output_dir", str(tmp_path / "xl"), "--controlnet", config.output_dir,
                  "--control_image", str(photo), "--control_type", "canny"]) == 0
     assert len(list((tmp_path / "xl").glob("*.png"))) == 1
+
+
+def test_generate_with_a_controlnet_on_a_v_prediction_model(tiny_model_v, shapes_dir, tmp_path):
+    """SD 2.x's family (v-prediction): the same ControlNet pipeline, its own scheduler config."""
+    components = load_components(str(tiny_model_v))
+    ControlNetModel.from_unet(components.unet, conditioning_embedding_out_channels=conditioning_embedding_channels(
+        components.vae)).save_pretrained(tmp_path / "cn")
+    photo = sorted(shapes_dir.glob("*.png"))[0]
+    assert main(["generate", "--pretrained_model_name_or_path", str(tiny_model_v), "--prompt", "a red circle",
+                 "--num_inference_steps", "2", "--output_dir", str(tmp_path / "v"), "--controlnet", str(tmp_path / "cn"),
+                 "--control_image", str(photo)]) == 0
+    assert len(list((tmp_path / "v").glob("*.png"))) == 1
