@@ -26,7 +26,7 @@ from sdtune.caption_store import (
 )
 from sdtune.command_configs import DEFAULT_CAPTION_MODEL as DEFAULT_MODEL
 from sdtune.command_configs import CaptionConfig
-from sdtune.config import build_config
+from sdtune.options import build_config
 from sdtune.data.images import IMAGE_EXTENSIONS, BadImage, open_rgb
 from sdtune.errors import ConfigError, DataError, ModelLoadError
 

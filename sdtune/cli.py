@@ -14,21 +14,11 @@ from typing import Callable, Sequence
 
 import yaml
 
-from sdtune.config import (
-    ControlNetConfig,
-    DreamBoothConfig,
-    LoRAConfig,
-    TextualInversionConfig,
-    TrainConfig,
-    build_config,
-    did_you_mean,
-    field_base_type,
-    load_recipe,
-    parse_value,
-)
 from sdtune.command_configs import CaptionConfig, DemoConfig, GenerateConfig, PushConfig
+from sdtune.config import ControlNetConfig, DreamBoothConfig, LoRAConfig, TextualInversionConfig, TrainConfig
 from sdtune.diffusers_compat import apply_compat_flags, compat_flags, hide_hub_token
 from sdtune.errors import ConfigError, SdtuneError
+from sdtune.options import build_config, did_you_mean, field_base_type, load_recipe, parse_value
 
 logger = logging.getLogger("sdtune")
 

@@ -7,7 +7,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sdtune.config import check_type, option
+from sdtune.options import check_type, option
 from sdtune.errors import ConfigError
 
 DEFAULT_CAPTION_MODEL = "Salesforce/blip2-opt-2.7b"

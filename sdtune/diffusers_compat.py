@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from sdtune.config import parse_bool
+from sdtune.options import parse_bool
 from sdtune.errors import ConfigError
 
 logger = logging.getLogger("sdtune")

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from sdtune.cli import build_parser, main, parse_config
-from sdtune.config import LoRAConfig, build_config, load_recipe
+from sdtune.config import LoRAConfig
+from sdtune.options import build_config, load_recipe
 from sdtune.errors import ConfigError
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").rglob("*.yaml"))
