@@ -168,13 +168,14 @@ def test_two_cpu_processes_equal_one(tiny_model, shapes_dir, control_maps, tmp_p
 
 
 def test_control_maps_come_from_a_metadata_jsonl_column(cn_config, shapes_dir, control_maps, tmp_path):
-    folder = tmp_path / "jsonl"
-    folder.mkdir()
+    # the maps beside the image folder, not in it: datasets 3.x wants a metadata line for every image in the folder
+    folder, edges = tmp_path / "jsonl", tmp_path / "edges"
+    folder.mkdir(), edges.mkdir()
     lines = []
     for i, path in enumerate(sorted(shapes_dir.glob("*.png"))):
         (folder / path.name).write_bytes(path.read_bytes())
-        (folder / f"edges-{path.name}").write_bytes((control_maps / path.name).read_bytes())
-        lines.append(json.dumps({"file_name": path.name, "text": f"shape {i}", "conditioning_image": f"edges-{path.name}"}))
+        (edges / f"edges-{path.name}").write_bytes((control_maps / path.name).read_bytes())
+        lines.append(json.dumps({"file_name": path.name, "text": f"shape {i}", "conditioning_image": f"../edges/edges-{path.name}"}))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     from sdtune.data.control_images import attach_control_images
     from sdtune.data.sources import find_records

@@ -92,10 +92,13 @@ def _records_from_dataset(name: str, config_name, image_column: str, caption_col
             dataset = datasets.load_dataset("imagefolder", data_dir=name, split="train")
         else:
             dataset = datasets.load_dataset(name, config_name, split="train")
-    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:  # OSError: not found, no network
+    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError,
+            datasets.exceptions.DatasetGenerationError) as err:  # OSError: not found, no network
         from sdtune.preflight import hub_offline
 
         offline = "HF_HUB_OFFLINE is set (offline), so only local datasets load; " if hub_offline() else ""
+        if isinstance(err, datasets.exceptions.DatasetGenerationError) and err.__cause__ is not None:
+            err = err.__cause__  # what went wrong, e.g. an image in the folder without a metadata.jsonl line
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"{option} {name}: could not load the dataset ({offline}{first_line})") from None
     for column, flag in ((image_column, "--image_column"), (caption_column, "--caption_column")):
