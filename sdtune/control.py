@@ -8,7 +8,6 @@ the same here. OpenCV is an optional dependency: ``pip install 'sdtune[controlne
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -35,18 +34,10 @@ def read_control_images(spec: str, option: str, size: tuple[int, int] | None = N
     Raises:
         ConfigError: a file is missing or not an image; one line naming it and ``option``.
     """
-    from sdtune.data.images import BadImage, open_rgb
+    from sdtune.data.images import open_option_image
 
-    images = []
-    for item in split_list(spec):
-        path = Path(item)
-        try:
-            image = open_rgb(path.read_bytes(), str(path))
-        except (OSError, BadImage) as err:
-            reason = "no such file" if isinstance(err, FileNotFoundError) else str(err)
-            raise ConfigError(f"{option} {path}: {reason}") from None
-        images.append(image.resize(size, Image.Resampling.BILINEAR) if size and image.size != size else image)
-    return images
+    images = [open_option_image(item, option) for item in split_list(spec)]
+    return [image.resize(size, Image.Resampling.BILINEAR) if size and image.size != size else image for image in images]
 
 
 def split_list(spec: str) -> list[str]:
@@ -81,12 +72,10 @@ def load_controls(config, size: tuple[int, int], dtype, device) -> Controls:
     """
     from sdtune.methods.controlnet import load_controlnet
 
-    sources = split_list(config.controlnet)
     if not config.control_image:
         raise ConfigError("--controlnet needs --control_image FILE (one per ControlNet, comma-separated)")
+    sources, _, types, scales = _settings(config)
     images = read_control_images(config.control_image, "--control_image")
-    types = _per_controlnet(split_list(config.control_type), len(sources), "--control_type")
-    scales = _per_controlnet(split_list(config.controlnet_conditioning_scale), len(sources), "--controlnet_conditioning_scale")
     if len(images) != len(sources):
         raise ConfigError(f"--control_image gives {len(images)} image(s) for {len(sources)} ControlNet(s); pass one per --controlnet")
     maps = []
@@ -105,6 +94,15 @@ def load_controls(config, size: tuple[int, int], dtype, device) -> Controls:
     return Controls(models, maps, strengths)
 
 
+def _settings(config) -> tuple[list[str], list[str], list[str], list[str]]:
+    """--controlnet, --control_image, --control_type and --controlnet_conditioning_scale as lists, one item per
+    ControlNet (a single type or scale applies to all)."""
+    sources = split_list(config.controlnet)
+    types = _per_controlnet(split_list(config.control_type), len(sources), "--control_type")
+    scales = _per_controlnet(split_list(config.controlnet_conditioning_scale), len(sources), "--controlnet_conditioning_scale")
+    return sources, split_list(config.control_image or ""), types, scales
+
+
 def _per_controlnet(values: list[str], count: int, option: str) -> list[str]:
     """One value per ControlNet: a single value applies to all."""
     if len(values) == 1:
@@ -116,9 +114,6 @@ def _per_controlnet(values: list[str], count: int, option: str) -> list[str]:
 
 def png_fields(config) -> list[str]:
     """The control settings in the PNG's parameters text, in sd-webui-controlnet's infotext form."""
-    sources = split_list(config.controlnet)
-    images = split_list(config.control_image or "")
-    types = _per_controlnet(split_list(config.control_type), len(sources), "--control_type")
-    scales = _per_controlnet(split_list(config.controlnet_conditioning_scale), len(sources), "--controlnet_conditioning_scale")
+    sources, images, types, scales = _settings(config)
     return [f'ControlNet {i}: "Module: {kind}, Model: {source}, Weight: {scale}, Image: {image}"'
             for i, (source, image, kind, scale) in enumerate(zip(sources, images, types, scales))]

@@ -69,16 +69,14 @@ def sample_images(
     scheduler = DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config)
     common = dict(size=(resolution, resolution), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                   negative_prompt=negative_prompt, autocast=autocast)
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
+    def generators():  # fresh per call: every control map gets the same seeds
+        return [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
+
     if controls is None:
-        return generate(components.pipeline(scheduler=scheduler), [prompt] * num_images, generators, **common)
+        return generate(components.pipeline(scheduler=scheduler), [prompt] * num_images, generators(), **common)
     controlnet, maps = controls
     pipe = components.pipeline(scheduler=scheduler, controlnet=controlnet)
-    images = []
-    for control in maps:
-        generators = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
-        images += generate(pipe, [prompt] * num_images, generators, image=control, **common)
-    return images
+    return [image for control in maps for image in generate(pipe, [prompt] * num_images, generators(), image=control, **common)]
 
 
 def save_images(images: list[Image.Image], folder: Path, stem: str = "image") -> list[Path]:
@@ -407,11 +405,6 @@ def _load_token_vectors(pipe, vectors, token: str) -> None:
 def _init_image(config, size: tuple[int, int]):
     if not config.init_image:
         return None
-    from sdtune.data.images import BadImage, open_rgb
-    from sdtune.errors import ConfigError
+    from sdtune.data.images import open_option_image
 
-    path = Path(config.init_image)
-    try:
-        return open_rgb(path.read_bytes(), str(path)).resize(size, Image.Resampling.LANCZOS)
-    except (OSError, BadImage) as err:
-        raise ConfigError(f"--init_image {path}: {err}") from None
+    return open_option_image(config.init_image, "--init_image").resize(size, Image.Resampling.LANCZOS)

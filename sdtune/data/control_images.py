@@ -22,14 +22,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdtune.data.images import IMAGE_EXTENSIONS, Placement
+from sdtune.data.images import IMAGE_EXTENSIONS, Placement, placed
 from sdtune.data.sources import ImageRecord
 from sdtune.errors import DataError
 
 
-def attach_control_images(records: list[ImageRecord], *, image_folder: str | None, conditioning_data_dir: str | None,
+def attach_control_images(records: list[ImageRecord], *, image_folder: str, conditioning_data_dir: str | None,
                           conditioning_image_column: str) -> list[ImageRecord]:
     """``records`` with each one's control map attached (``record.conditioning``).
+
+    ``image_folder`` is where the records were found: the image folder, or the dataset's name or folder.
 
     Raises:
         DataError: an image has no control map, or the dataset lacks the column; one line naming it.
@@ -37,7 +39,7 @@ def attach_control_images(records: list[ImageRecord], *, image_folder: str | Non
     if not records:
         return records
     if records[0].dataset is not None:
-        return _from_dataset(records, conditioning_image_column)
+        return _from_dataset(records, conditioning_image_column, image_folder)
     if not conditioning_data_dir:
         raise DataError("ControlNet training needs a control map per image: pass --conditioning_data_dir FOLDER "
                         "(same file names as the images), or a dataset with --conditioning_image_column")
@@ -66,7 +68,7 @@ def _from_folder(records: list[ImageRecord], image_folder: Path, control_folder:
     return attached
 
 
-def _from_dataset(records: list[ImageRecord], column: str) -> list[ImageRecord]:
+def _from_dataset(records: list[ImageRecord], column: str, image_folder: str) -> list[ImageRecord]:
     import datasets
 
     dataset = records[0].dataset
@@ -78,7 +80,7 @@ def _from_dataset(records: list[ImageRecord], column: str) -> list[ImageRecord]:
         return [dataclasses.replace(r, dataset=dataset, conditioning=dataclasses.replace(
             r, name=f"{r.name}:{column}", caption=None, dataset=dataset, image_column=column)) for r in records]
     # metadata.jsonl: file names relative to the folder the dataset was loaded from
-    folder = Path(records[0].name.rsplit("[", 1)[0])
+    folder = Path(image_folder)
     attached = []
     for record in records:
         value = dataset[record.row][column]
@@ -103,10 +105,6 @@ def check_control_size(image: Image.Image, control: Image.Image, image_name: str
 
 def control_tensor(control: Image.Image, placement: Placement, flip: bool) -> torch.Tensor:
     """The control map placed like its image, in [0, 1] (what ControlNet pipelines feed). [3, H, W] float32"""
-    left, top, w, h = placement.crop
     # bilinear, not Lanczos: Lanczos rings around the hard edges control maps are made of
-    control = control.resize(placement.resized, resample=Image.Resampling.BILINEAR).crop((left, top, left + w, top + h))
-    if flip:
-        control = control.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    array = np.asarray(control, dtype=np.float32) / 255.0
+    array = np.asarray(placed(control, placement, flip, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()

@@ -7,6 +7,7 @@ import logging
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,6 +51,22 @@ def open_rgb(data: bytes, name: str = "image") -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise BadImage(f"not a readable image ({err})") from None
     return _to_rgb(image)
+
+
+def open_option_image(path: str | Path, option: str) -> Image.Image:
+    """The image file an option names (``--init_image``, ``--control_image``), as RGB.
+
+    Raises:
+        ConfigError: the file is missing or not an image; one line naming the option and the file.
+    """
+    from sdtune.errors import ConfigError
+
+    path = Path(path)
+    try:
+        return open_rgb(path.read_bytes(), str(path))
+    except (OSError, BadImage) as err:
+        reason = "no such file" if isinstance(err, FileNotFoundError) else str(err)
+        raise ConfigError(f"{option} {path}: {reason}") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -128,11 +145,15 @@ def place(size: tuple[int, int], target: tuple[int, int], *, center_crop: bool, 
     return Placement(resized=resized, crop=(left, top, target_w, target_h), original=(width, height))
 
 
+def placed(image: Image.Image, placement: Placement, flip: bool,
+           resample: Image.Resampling = Image.Resampling.LANCZOS) -> Image.Image:
+    """``image`` resized, cropped and optionally flipped as ``placement`` says."""
+    left, top, w, h = placement.crop
+    image = image.resize(placement.resized, resample=resample).crop((left, top, left + w, top + h))
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
+
+
 def to_tensor(image: Image.Image, placement: Placement, flip: bool) -> torch.Tensor:
     """Resize, crop, optionally flip, and scale to [-1, 1]. Returns [3, H, W] float32."""
-    left, top, w, h = placement.crop
-    image = image.resize(placement.resized, resample=Image.Resampling.LANCZOS).crop((left, top, left + w, top + h))
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    array = np.asarray(placed(image, placement, flip), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()

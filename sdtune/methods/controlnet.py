@@ -72,7 +72,8 @@ class ControlNetMethod:
 
     def attach_inputs(self, records: list) -> list:
         config = self.config
-        return attach_control_images(records, image_folder=config.instance_data_dir or config.train_data_dir,
+        source = config.dataset_name or config.instance_data_dir or config.train_data_dir  # find_records's order
+        return attach_control_images(records, image_folder=source,
                                      conditioning_data_dir=config.conditioning_data_dir,
                                      conditioning_image_column=config.conditioning_image_column)
 
