@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from sdtune.command_configs import EvalConfig
 from sdtune.config import ControlNetConfig, DreamBoothConfig, LoRAConfig, TextualInversionConfig
 from sdtune.loop import TrainResult, train
 from sdtune.methods.controlnet import ControlNetMethod
@@ -40,3 +41,15 @@ def train_controlnet(config: ControlNetConfig) -> TrainResult:
         and ``single_file`` (controlnet.safetensors, the original layout ComfyUI and A1111 read).
     """
     return train(config, ControlNetMethod(config))
+
+
+def evaluate(config: EvalConfig) -> dict:
+    """Measure a fine-tune (or every checkpoint of ``config.checkpoints``) as `sdtune eval` does.
+
+    Returns:
+        The figures (``{"clip_t": ..., "prior_drift": ...}``), or ``{"steps": [{"step": N, ...}, ...]}`` with
+        ``checkpoints``. metrics.json, the samples and grid.png are written to ``config.output_dir``.
+    """
+    from sdtune.evaluate import run_eval
+
+    return run_eval(config)

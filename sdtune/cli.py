@@ -14,10 +14,11 @@ from typing import Callable, Sequence
 
 import yaml
 
-from sdtune.command_configs import CaptionConfig, DemoConfig, GenerateConfig, PushConfig
+from sdtune.command_configs import CaptionConfig, DemoConfig, EvalConfig, GenerateConfig, PushConfig
 from sdtune.config import ControlNetConfig, DreamBoothConfig, LoRAConfig, TextualInversionConfig, TrainConfig
 from sdtune.diffusers_compat import apply_compat_flags, compat_flags, hide_hub_token
 from sdtune.errors import ConfigError, SdtuneError
+from sdtune.sweep import SweepConfig
 from sdtune.options import build_config, did_you_mean, field_base_type, load_recipe, parse_value
 
 logger = logging.getLogger("sdtune")
@@ -46,6 +47,21 @@ def _generate(config: GenerateConfig) -> None:
 
     paths = run_generate(config)
     print(f"wrote {len(paths)} image(s) to {config.output_dir}")
+
+
+def _eval(config: EvalConfig) -> None:
+    from sdtune.evaluate import run_eval
+
+    run_eval(config)
+    print(f"wrote the metrics, samples and grid to {config.output_dir}")
+
+
+def _sweep(config) -> None:
+    from sdtune.sweep import run_sweep
+
+    best = run_sweep(config)
+    if best:
+        print(f"best: trial {best['trial']}; its recipe: {best['recipe']}")
 
 
 def _push(config: PushConfig) -> None:
@@ -102,6 +118,10 @@ COMMANDS: dict[str, Command] = {
                                 "ControlNet: steer the frozen base with control maps (diffusers folder + single file)."),
     "caption": Command(CaptionConfig, _caption, "Caption images with BLIP-2 / BLIP / InstructBLIP.", positional="data_dir"),
     "generate": Command(GenerateConfig, _generate, "Images from a base model plus a LoRA, embeddings or DreamBooth output."),
+    "eval": Command(EvalConfig, _eval, "Measure a LoRA, embeddings, DreamBooth model or every checkpoint of a run: "
+                                       "CLIP-T, CLIP-I, DINO, FID, KID, prior drift (and the toy world's judge figures)."),
+    "sweep": Command(SweepConfig, _sweep, "Search any training options with Optuna, each trial scored by sdtune eval; "
+                                         "writes results.csv, a plot and best_recipe.yaml (sweep file: --config)."),
     "push": Command(PushConfig, _push, "Upload an output folder to the Hugging Face Hub.", positional="folder"),
     "demo": Command(DemoConfig, _demo, "Offline quickstart: teach the toy world's held-out concepts with four methods and "
                                        "measure what each learned and kept (metrics.json, before/after grids)."),
@@ -120,7 +140,7 @@ COMPAT_PREFIX = "compat:"  # argparse dest of the diffusers-only flags (sdtune.d
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdtune", description="Fine-tune Stable Diffusion.", allow_abbrev=False)
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
     for name, command in COMMANDS.items():
         sub = subparsers.add_parser(name, help=command.description, description=command.description, allow_abbrev=False,
                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -135,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_config_flags(parser: argparse.ArgumentParser, command: Command) -> None:
     group = parser.add_argument_group(f"{command.config_cls.__name__} options (recipe keys use the same names)")
     for f in dataclasses.fields(command.config_cls):
+        if f.metadata.get("yaml_only"):  # nested settings (a sweep's search space): only a --config file can hold them
+            continue
         if f.name == command.positional:
             parser.add_argument(f"_{f.name}", nargs="?", metavar=f.name.upper(), default=argparse.SUPPRESS,
                                 help=_literal(f.metadata["help"]))

@@ -93,6 +93,7 @@ class ConceptReport:
     prior_drift: float
     seconds: float
     samples: dict[str, list] = field(default_factory=dict, repr=False)  # kind -> images, for grids
+    verdicts: dict[str, list] = field(default_factory=dict, repr=False)  # kind -> the judge's verdict per image
 
     def as_dict(self, base: "ConceptReport | None" = None) -> dict[str, float]:
         """The figures, with ``prior_preservation`` relative to ``base`` (1.0 for the base itself)."""
@@ -120,18 +121,19 @@ def evaluate_concept(pipe, judge: Callable[[list], list[Verdict]], spec: Concept
     """
     settings = settings or SamplingSettings()
     start = time.perf_counter()
-    figures, samples = {}, {}
+    figures, samples, verdicts_of = {}, {}, {}
     progress = tqdm(total=3 * num_samples, desc=desc, unit="image", leave=False)
     for kind, probes in (("subject", spec.subject), ("context", spec.context), ("prior", spec.prior)):
         pairs = sample_probes(pipe, probes, num_samples, settings, progress)
         verdicts = judge([image for _, image in pairs])
         figures[kind] = share([probe.check(v) for (probe, _), v in zip(pairs, verdicts)])
         samples[kind] = [image for _, image in pairs]
+        verdicts_of[kind] = verdicts
         if kind == "prior":
             figures["drift"] = share([spec.is_concept(v) for v in verdicts])
     progress.close()
     return ConceptReport(figures["subject"], figures["context"], figures["prior"], figures["drift"],
-                         time.perf_counter() - start, samples)
+                         time.perf_counter() - start, samples, verdicts_of)
 
 
 def attribute_accuracy(pipe, judge: Callable[[list], list], expected: Sequence, prompts: Sequence[str], *,

@@ -132,7 +132,10 @@ class Trainer:
         self._setup_model()
         self._setup_data(records)
         # --num_train_epochs / --validation_epochs become steps now that the epoch's size is known
-        self.config = self.method.config = config = resolve_epochs(config, self.sampler.batches_per_epoch)
+        resolved = resolve_epochs(config, self.sampler.batches_per_epoch)
+        if resolved != config and self.accelerator.is_main_process:
+            resolved.save(self.output_dir / CONFIG_FILE)  # the record names the steps (sdtune eval finds the final one)
+        self.config = self.method.config = config = resolved
         self._setup_optimizer()
         self.state = ckpt.TrainerState()
         if config.resume_from_checkpoint:

@@ -65,6 +65,11 @@ def concept_b_spec() -> ConceptSpec:
     )
 
 
+def concept_spec(concept: str) -> ConceptSpec:
+    """Concept ``a`` (DreamBooth's star) or ``b`` (textual inversion's green square)."""
+    return {"a": concept_a_spec, "b": concept_b_spec}[concept]()
+
+
 def _class_probes(shape: str, exclude_color: str | None = None) -> list[Probe]:
     """Class prompts over every colour and background ("a red triangle on a white background")."""
     scenes = [Scene(shape, c, b) for c in COLORS for b in BACKGROUNDS if c != exclude_color]
@@ -99,6 +104,20 @@ class DemoSettings:
         return cls(num_samples=32, held_in_samples=60)
 
 
+def render_concept_data(folder: str | Path, settings: DemoSettings | None = None, seed: int = 0) -> dict[str, Path]:
+    """The demo's training images: ``a`` (the star as "xon triangle"), ``a_backgrounds`` (the same images, captions
+    naming their background: a lever the sweep tries for context fidelity) and ``b`` (the green square)."""
+    settings, folder = settings or DemoSettings(), Path(folder)
+    star = [Scene(HELD_OUT_SHAPE, SUBJECT_COLOR, b) for b in SUBJECT_BACKGROUNDS]
+    return {
+        "a": render_folder(folder / "concept_a", star, settings.instance_images, seed=seed, caption=f"a {SUBJECT_WORDS}"),
+        "a_backgrounds": render_folder(folder / "concept_a_backgrounds", star, settings.instance_images, seed=seed,
+                                       caption=f"a {SUBJECT_WORDS} on a {{background}} background"),
+        "b": render_folder(folder / "concept_b", [Scene(TI_SHAPE, TI_COLOR, b) for b in BACKGROUNDS],
+                           settings.concept_b_images, seed=seed + 1, caption=f"a {TI_TOKEN} on a {{background}} background"),
+    }
+
+
 METHODS = ("lora", "dreambooth", "dreambooth_no_prior", "textual_inversion")
 CONCEPT_OF = {"lora": "a", "dreambooth": "a", "dreambooth_no_prior": "a", "textual_inversion": "b"}
 
@@ -114,15 +133,8 @@ class Demo:
         self.seed = seed
         self.judge = load_judge()
         self.sampling = SamplingSettings(seed=seed)
-        self.specs = {"a": concept_a_spec(), "b": concept_b_spec()}
-        data = self.output_dir / "data"
-        self.data = {
-            "a": render_folder(data / "concept_a", [Scene(HELD_OUT_SHAPE, SUBJECT_COLOR, b) for b in SUBJECT_BACKGROUNDS],
-                               self.settings.instance_images, seed=seed, caption=f"a {SUBJECT_WORDS}"),
-            "b": render_folder(data / "concept_b", [Scene(TI_SHAPE, TI_COLOR, b) for b in BACKGROUNDS],
-                               self.settings.concept_b_images, seed=seed + 1,
-                               caption=f"a {TI_TOKEN} on a {{background}} background"),
-        }
+        self.specs = {c: concept_spec(c) for c in ("a", "b")}
+        self.data = render_concept_data(self.output_dir / "data", self.settings, seed)
         self._base_reports: dict[str, ConceptReport] = {}
 
     @functools.cached_property

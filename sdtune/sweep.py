@@ -1,0 +1,463 @@
+"""`sdtune sweep --config sweep.yaml`: let measured figures choose the recipe (Optuna).
+
+A trial is one training run and one `sdtune eval` of its result, each in its own process (so a trial
+can be an ``accelerate launch``, and a crash loses one trial, not the sweep). Optuna's study lives
+in ``OUTPUT_DIR/study.db``: a killed sweep started again keeps its finished trials and reruns the
+ones that were cut off. The sweep writes ``results.csv``, a plot (the Pareto front of two
+objectives, or the objective against the trials) and ``best_recipe.yaml``, a recipe that
+``--config`` of the trial's command accepts unchanged.
+
+The sweep file::
+
+    command: train-dreambooth             # the sdtune command each trial runs
+    recipe: {...}                         # its options, shared by every trial
+    space:                                # what varies: any option of the command
+      learning_rate: {low: 1e-4, high: 1e-2, log: true}
+      rank: {choices: [4, 8, 16]}
+      captions:                           # a named choice that sets several options
+        choices: {plain: {instance_data_dir: a/}, background: {instance_data_dir: b/}}
+      text_encoder_lr: {low: 1e-4, high: 1e-3, log: true, when: {train_text_encoder: true}}
+    eval: {...}                           # `sdtune eval` options (the model is the trial's output)
+    objectives: {subject_fidelity: maximize, prior_preservation: maximize}
+    constraints: {prior_preservation: ">= 0.9"}
+
+``{toy_base}`` and ``{toy_data}`` in string values name the shipped toy base and the demo's training
+images (rendered into ``OUTPUT_DIR/data``), so the toy sweep runs offline.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sdtune.errors import ConfigError
+from sdtune.options import check_type, option
+
+logger = logging.getLogger(__name__)
+
+TRAIN_COMMANDS = ("train-lora", "train-dreambooth", "train-textual-inversion", "train-controlnet")
+_CONSTRAINT = re.compile(r"\s*(>=|<=)\s*(-?[\d.]+(?:e-?\d+)?)\s*")
+_FINISHED = ("COMPLETE", "PRUNED")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """`sdtune sweep`: Optuna over any training option, scored by `sdtune eval`."""
+
+    command: str = option("train-lora", "The training command each trial runs.", choices=TRAIN_COMMANDS)
+    recipe: dict = option({}, "The command's options every trial shares (YAML only).", yaml_only=True)
+    space: dict = option({}, "What each trial varies: option -> {low, high[, log, step]} or {choices} (YAML only).",
+                         yaml_only=True)
+    eval: dict = option({}, "`sdtune eval` options that score each trial (YAML only).", yaml_only=True)
+    objectives: dict = option({}, "metric -> maximize|minimize; two give a Pareto front (YAML only).", yaml_only=True)
+    constraints: dict = option({}, "metric -> '>= value' or '<= value' a good recipe must meet (YAML only).",
+                               yaml_only=True)
+    n_trials: int = option(24, "Finished trials the sweep runs to (a restarted sweep counts the earlier ones).")
+    parallel: int = option(1, "Trials at once; each gets an equal share of the CPU cores as threads.")
+    launcher: str = option("", "How a trial's training starts, e.g. 'accelerate launch --num_processes 2' "
+                               "(default: this Python, one process).")
+    sampler: str = option("tpe", "Optuna sampler: tpe (one or several objectives, constraints) or random.",
+                          choices=("tpe", "random"))
+    startup_trials: int = option(8, "Random trials before TPE models the results.")
+    seed: int = option(0, "Seed of the sampler (the trials' own seed is the recipe's).")
+    output_dir: str = option("sweep", "Where study.db, the trials, results.csv, the plot and best_recipe.yaml go.")
+
+    method: typing.ClassVar[str] = "sweep"
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            check_type(f, getattr(self, f.name))
+        if not self.space:
+            raise ConfigError("sweep: 'space' is empty; name the options to vary, e.g. learning_rate: {low: 1e-4, high: 1e-2}")
+        if not self.objectives:
+            raise ConfigError("sweep: 'objectives' is empty; e.g. objectives: {subject_fidelity: maximize}")
+        for metric, direction in self.objectives.items():
+            if direction not in ("maximize", "minimize"):
+                raise ConfigError(f"sweep: objective {metric}: '{direction}' is not maximize or minimize")
+        for metric, rule in self.constraints.items():
+            if not isinstance(rule, str) or not _CONSTRAINT.fullmatch(rule):
+                raise ConfigError(f"sweep: constraint {metric}: write '>= 0.9' or '<= 0.1', got {rule!r}")
+        if self.n_trials <= 0 or self.parallel <= 0:
+            raise ConfigError("sweep: n_trials and parallel must be positive")
+        for name, spec in self.space.items():
+            _check_param(name, spec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+
+def _check_param(name: str, spec: Any) -> None:
+    if not isinstance(spec, dict) or not ("choices" in spec or {"low", "high"} <= set(spec)):
+        raise ConfigError(f"sweep: space.{name}: give {{low: .., high: ..}} or {{choices: [..]}}, got {spec!r}")
+    if "choices" in spec and not spec["choices"]:
+        raise ConfigError(f"sweep: space.{name}: choices is empty")
+    if "when" in spec and not isinstance(spec["when"], dict):
+        raise ConfigError(f"sweep: space.{name}: 'when' maps another parameter to the value it must have")
+
+
+# --- one trial ---------------------------------------------------------------------------------------------------------
+
+def suggest(trial, space: dict) -> tuple[dict, dict]:
+    """(the parameters Optuna chose, the options they set). Parameters whose ``when`` is not met are skipped."""
+    chosen: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    for name, spec in space.items():
+        if any(chosen.get(other) != value for other, value in spec.get("when", {}).items()):
+            continue
+        if "choices" in spec:
+            choices = spec["choices"]
+            names = list(choices) if isinstance(choices, dict) else choices
+            value = trial.suggest_categorical(name, names)
+            chosen[name] = value
+            options.update(choices[value] if isinstance(choices, dict) else {spec.get("option", name): value})
+        elif isinstance(spec["low"], int) and isinstance(spec["high"], int) and not spec.get("log_float"):
+            chosen[name] = options[spec.get("option", name)] = trial.suggest_int(name, spec["low"], spec["high"], step=spec.get("step", 1),
+                                                              log=spec.get("log", False))
+        else:
+            chosen[name] = options[spec.get("option", name)] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]),
+                                                                log=spec.get("log", False), step=spec.get("step"))
+    return chosen, options
+
+
+class TrialRunner:
+    """Runs a trial's training and evaluation as subprocesses and reads its figures."""
+
+    def __init__(self, config: SweepConfig, placeholders: dict[str, str]):
+        self.config = config
+        self.out = Path(config.output_dir)
+        self.placeholders = placeholders
+        self.threads = max(1, _usable_cores() // config.parallel)
+
+    def recipe(self, options: dict, trial_dir: Path) -> dict:
+        recipe = {**self.config.recipe, **options, "output_dir": str(trial_dir / "model")}
+        return fill(recipe, {**self.placeholders, "trial_dir": str(trial_dir)})
+
+    def run(self, number: int, options: dict) -> dict[str, float]:
+        trial_dir = self.out / f"trial-{number:03d}"
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        recipe = self.recipe(options, trial_dir)
+        (trial_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        start = time.perf_counter()
+        self._sdtune([*shlex.split(self.config.launcher)] if self.config.launcher else None,
+                     [self.config.command, "--config", str(trial_dir / "recipe.yaml"), "--overwrite_output_dir", "true"],
+                     trial_dir / "train.log")
+        train_seconds = time.perf_counter() - start
+        eval_config = eval_recipe(self.config.eval, recipe, Path(recipe["output_dir"]), self.out, self.placeholders)
+        eval_config["output_dir"] = str(trial_dir / "eval")
+        (trial_dir / "eval.yaml").write_text(yaml.safe_dump(eval_config, sort_keys=False))
+        self._sdtune(None, ["eval", "--config", str(trial_dir / "eval.yaml")], trial_dir / "eval.log")
+        metrics = json.loads((trial_dir / "eval" / "metrics.json").read_text())
+        return {**metrics, "train_seconds": round(train_seconds, 1),
+                "eval_seconds": round(time.perf_counter() - start - train_seconds, 1)}
+
+    def _sdtune(self, launcher: list[str] | None, args: list[str], log: Path) -> None:
+        command = [*launcher, "-m", "sdtune", *args] if launcher else [sys.executable, "-m", "sdtune", *args]
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "")}
+        env = {k: v for k, v in env.items() if v != "" or k != "HF_HUB_OFFLINE"}
+        with log.open("w") as handle:
+            done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        if done.returncode != 0:
+            last = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:] or ["(no output)"]
+            raise TrialFailed(f"{' '.join(args[:1])} exited with {done.returncode}: {last[0][:200]} (see {log})")
+
+
+class TrialFailed(Exception):
+    """A trial's training or evaluation process failed; the sweep records it and goes on."""
+
+
+def eval_recipe(eval_options: dict, recipe: dict, trained: Path, sweep_dir: Path, placeholders: dict) -> dict:
+    """`sdtune eval` options for a trained output: the base from the recipe, the output as LoRA,
+    embeddings or the model itself, and the reference's cache shared by every trial."""
+    from sdtune.evaluate import trained_model_options
+
+    options = {"pretrained_model_name_or_path": recipe["pretrained_model_name_or_path"],
+               **fill(eval_options, placeholders), "cache_dir": str(sweep_dir / "reference-cache")}
+    options.update(trained_model_options(trained, options["pretrained_model_name_or_path"]))
+    return options
+
+
+def fill(value: Any, placeholders: dict[str, str]) -> Any:
+    """``{toy_base}``-style placeholders replaced in every string of a nested value."""
+    if isinstance(value, str):
+        for key, text in placeholders.items():
+            value = value.replace("{" + key + "}", text)
+        return value
+    if isinstance(value, dict):
+        return {k: fill(v, placeholders) for k, v in value.items()}
+    if isinstance(value, list):
+        return [fill(v, placeholders) for v in value]
+    return value
+
+
+def _usable_cores() -> int:
+    from sdtune.threads import usable_cores
+
+    return usable_cores()
+
+
+# --- the study ---------------------------------------------------------------------------------------------------------
+
+def run_sweep(config: SweepConfig) -> dict:
+    """Run (or continue) the sweep; returns the best trial's parameters, figures and recipe path."""
+    optuna = _import_optuna()
+    out = Path(config.output_dir).resolve()  # trial recipes and best_recipe.yaml hold absolute paths: they run from anywhere
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    runner = TrialRunner(config, placeholders(config, out))
+    _prepare_reference(config, runner)
+    study = _study(optuna, config, out)
+    _rerun_interrupted(optuna, study)
+    remaining = config.n_trials - sum(t.state.name in _FINISHED for t in study.trials)
+    objectives = list(config.objectives)
+    figures = _figures(config)
+
+    def objective(trial):
+        _, options = suggest(trial, config.space)
+        try:
+            metrics = runner.run(trial.number, options)
+        except TrialFailed as err:
+            logger.warning("trial %d failed: %s", trial.number, err)
+            raise
+        for name, value in metrics.items():
+            trial.set_user_attr(name, value)
+        missing = [m for m in figures if m not in metrics]
+        if missing:
+            raise TrialFailed(f"the evaluation gave no {', '.join(missing)}; add the metric to eval.metrics")
+        for metric, violation in violations(metrics, config.constraints).items():
+            trial.set_constraint(metric, violation)  # the sampler steers towards recipes that meet them
+        logger.info("trial %d: %s", trial.number, ", ".join(f"{m} {metrics[m]:.3f}" for m in figures))
+        values = [metrics[m] for m in objectives]
+        return values[0] if len(values) == 1 else values
+
+    if remaining > 0:
+        logger.info("sweep: %d trial(s) to run, %d at once, %d thread(s) each; study in %s", remaining, config.parallel,
+                    runner.threads, out / "study.db")
+        study.optimize(objective, n_trials=remaining, n_jobs=config.parallel, catch=(TrialFailed,))
+    return report(study, config, runner, out)
+
+
+def _import_optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise ConfigError("sdtune sweep needs Optuna: pip install 'sdtune[eval]'") from None
+    import warnings
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # TPE's `group` (needed for a conditional space) is marked experimental; the notice is not the user's to act on
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return optuna
+
+
+def _study(optuna, config: SweepConfig, out: Path):
+    directions = list(config.objectives.values())
+    if config.sampler == "random":
+        sampler = optuna.samplers.RandomSampler(seed=config.seed)
+    else:  # group: the space is conditional (LoRA's parameters only where the method is LoRA)
+        sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=config.startup_trials,
+                                             multivariate=True, group=True)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'study.db').resolve()}",
+                                         engine_kwargs={"connect_args": {"timeout": 60}})
+    return optuna.create_study(study_name="sdtune-sweep", storage=storage, sampler=sampler, load_if_exists=True,
+                               directions=directions)
+
+
+def violations(metrics: dict, constraints: dict) -> dict[str, float]:
+    """Optuna's convention: one value per constraint, met when <= 0; a missing figure violates it."""
+    values = {}
+    for metric, rule in constraints.items():
+        sign, bound = _CONSTRAINT.fullmatch(rule).groups()
+        value = metrics.get(metric)
+        values[metric] = 1.0 if value is None else (float(bound) - value if sign == ">=" else value - float(bound))
+    return values
+
+
+def _feasible(trial, constraints: dict) -> bool:
+    return all(v <= 0 for v in violations(trial.user_attrs, constraints).values())
+
+
+def _rerun_interrupted(optuna, study) -> None:
+    """Trials a killed sweep left RUNNING are marked failed and queued again with the same parameters."""
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(trial.params, skip_if_exists=False)
+        logger.info("trial %d was cut off; queued again with the same parameters", trial.number)
+
+
+def _prepare_reference(config: SweepConfig, runner: TrialRunner) -> None:
+    """Sample the reference model once, before the trials that share its cached figures start side by side."""
+    from sdtune.command_configs import EvalConfig
+    from sdtune.evaluate import Evaluator, reference_identity, reference_pipeline
+    from sdtune.options import build_config
+
+    options = {"pretrained_model_name_or_path": runner.recipe({}, runner.out / "reference")["pretrained_model_name_or_path"],
+               **fill(config.eval, runner.placeholders), "cache_dir": str(runner.out / "reference-cache"),
+               "output_dir": str(runner.out / "reference")}
+    eval_config = build_config(EvalConfig, options, source="key in the sweep's eval section")
+    Evaluator(eval_config).reference(lambda: reference_pipeline(eval_config), reference_identity(eval_config))
+
+
+def placeholders(config: SweepConfig, out: Path) -> dict[str, str]:
+    """``{toy_base}`` and ``{toy_data}``, rendered only when the sweep file uses them."""
+    text = json.dumps([config.recipe, config.space, config.eval])
+    values = {"output_dir": str(out)}
+    if "{toy_base}" in text:
+        from sdtune.toy.base_model import BASE_DIR
+
+        values["toy_base"] = str(BASE_DIR)
+    if "{toy_data}" in text:
+        from sdtune.toy.demo import render_concept_data
+
+        values["toy_data"] = str(render_concept_data(out / "data")["a"].parent)
+    return values
+
+
+# --- results -----------------------------------------------------------------------------------------------------------
+
+def report(study, config: SweepConfig, runner: TrialRunner, out: Path) -> dict:
+    rows = [_row(t) for t in study.trials]
+    _write_csv(rows, out / "results.csv")
+    best = best_trial(study, config)
+    plot_sweep(study, config, best, out / ("pareto.png" if len(config.objectives) > 1 else "objective.png"))
+    _print_results(rows, config, best)
+    if best is None:
+        logger.warning("no trial finished; see the trials' train.log and eval.log in %s", out)
+        return {}
+    _, options = suggest(_FixedTrial(best.params), config.space)
+    recipe = runner.recipe(options, out / "best")
+    recipe["output_dir"] = f"{config.command}-best"
+    (out / "best_recipe.yaml").write_text(
+        f"# sdtune {config.command} --config best_recipe.yaml  (sweep trial {best.number}: "
+        + ", ".join(f"{m} {best.user_attrs.get(m, float('nan')):.3f}" for m in _figures(config))
+        + ")\n" + yaml.safe_dump(recipe, sort_keys=False))
+    return {"trial": best.number, "params": best.params, "metrics": dict(best.user_attrs),
+            "recipe": str(out / "best_recipe.yaml")}
+
+
+class _FixedTrial:
+    """Replays chosen parameters through :func:`suggest` (so named choices become their options again)."""
+
+    def __init__(self, params: dict):
+        self.params = params
+
+    def suggest_categorical(self, name, choices):
+        return self.params[name]
+
+    def suggest_int(self, name, *args, **kwargs):
+        return self.params[name]
+
+    def suggest_float(self, name, *args, **kwargs):
+        return self.params[name]
+
+
+def best_trial(study, config: SweepConfig):
+    """The finished trial that meets every constraint (or violates them least) with the best objectives.
+
+    With several objectives: among the Pareto-optimal feasible trials, the one with the best mean of the
+    objectives (each signed by its direction), the balanced recipe a user would pick from the plot.
+    """
+    finished = [t for t in study.trials if t.state.name == "COMPLETE"]
+    if not finished:
+        return None
+    feasible = [t for t in finished if _feasible(t, config.constraints)]
+    pool = feasible or sorted(finished, key=lambda t: sum(max(v, 0) for v in violations(t.user_attrs, config.constraints).values()))[:1]
+    signs = [1 if d == "maximize" else -1 for d in config.objectives.values()]
+    return max(pool, key=lambda t: sum(s * t.user_attrs[m] for s, m in zip(signs, config.objectives)) / len(signs))
+
+
+def _figures(config: SweepConfig) -> list[str]:
+    """The objectives, then the constrained metrics that are not objectives."""
+    return [*config.objectives, *(m for m in config.constraints if m not in config.objectives)]
+
+
+def _row(trial) -> dict:
+    return {"trial": trial.number, "state": trial.state.name, **trial.params, **trial.user_attrs}
+
+
+def _write_csv(rows: list[dict], path: Path) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _print_results(rows: list[dict], config: SweepConfig, best) -> None:
+    figures = _figures(config)
+    params = list(config.space)
+    print("trial  state     " + "".join(f"{m[:18]:>19}" for m in figures) + "  " + "  ".join(params))
+    for row in rows:
+        marker = "*" if best is not None and row["trial"] == best.number else " "
+        values = "".join(f"{row[m]:>19.3f}" if isinstance(row.get(m), (int, float)) else f"{'-':>19}" for m in figures)
+        chosen = "  ".join(_short(row.get(p, "-")) for p in params)
+        print(f"{row['trial']:>4}{marker} {row['state']:<9}{values}  {chosen}")
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def plot_sweep(study, config: SweepConfig, best, path: Path) -> Path | None:
+    """Two objectives: every trial, the Pareto front and the chosen one; one: the objective against the trials."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no %s (pip install 'sdtune[eval]')", path.name)
+        return None
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    if not done:
+        return None
+    names = list(config.objectives)
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    met = [_feasible(t, config.constraints) for t in done]
+    edges = ["tab:blue" if m else "tab:red" for m in met]
+    if len(names) >= 2:
+        xs, ys = [[t.user_attrs[n] for t in done] for n in names[:2]]
+        colour = [t.user_attrs[names[2]] for t in done] if len(names) > 2 else "white"
+        points = axis.scatter(xs, ys, c=colour, cmap="viridis", vmin=0, vmax=1, edgecolors=edges, s=60, linewidths=1.5,
+                              label="trials (red edge: misses a constraint)")
+        if len(names) > 2:
+            figure.colorbar(points, ax=axis, label=names[2])
+        front = sorted((t.user_attrs[names[0]], t.user_attrs[names[1]]) for t in study.best_trials)
+        if front:
+            axis.plot(*zip(*front), color="tab:orange", ls=":", lw=1, label="Pareto-optimal trials")
+        axis.set_xlabel(names[0])
+        axis.set_ylabel(names[1])
+        for metric, rule in config.constraints.items():
+            if metric in names[:2]:
+                bound = float(_CONSTRAINT.fullmatch(rule).group(2))
+                line = axis.axhline if metric == names[1] else axis.axvline
+                line(bound, color="tab:red", ls="--", lw=1, label=f"{metric} {rule.strip()}")
+        if best is not None:
+            axis.scatter([best.user_attrs[names[0]]], [best.user_attrs[names[1]]], s=220, facecolors="none",
+                         edgecolors="black", label=f"chosen: trial {best.number}")
+    else:
+        axis.scatter([t.number for t in done], [t.user_attrs[names[0]] for t in done], edgecolors=edges, label="trials")
+        axis.set_xlabel("trial")
+        axis.set_ylabel(names[0])
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    axis.set_title(f"sdtune sweep: {len(done)} trials")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
