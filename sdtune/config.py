@@ -143,6 +143,12 @@ class TrainConfig:
     validation_steps: int = option(100, "Make validation images every N steps (and at the end).")
     validation_epochs: int | None = option(None, "Make validation images every N epochs instead of --validation_steps.")
     validation_inference_steps: int = option(25, "Denoising steps of validation images.")
+    eval_steps: int = option(0, "Measure the model every N steps (and at the end) as `sdtune eval` does, logging the "
+                                "figures to the tracker and OUTPUT_DIR/eval/history.jsonl (0: never).")
+    eval_metrics: str = option("auto", "--eval_steps: the metrics (as `sdtune eval --metrics`; auto: those whose inputs "
+                                       "the run has: the validation prompt, the instance images, the class prompt).")
+    eval_config: str | None = option(None, "--eval_steps: a YAML file of further `sdtune eval` options (prompts, "
+                                           "clip_model, toy_concept, num_images, ...).")
     report_to: Literal["tensorboard", "wandb", "none"] = option("tensorboard", "Tracker for losses and images.")
     logging_dir: str = option("logs", "Tracker folder, relative to --output_dir.")
     tracker_project_name: str = option("sdtune", "Project name in the tracker.")
@@ -272,7 +278,7 @@ def _check_range(config: TrainConfig) -> None:
     for name in ("num_train_epochs", "validation_epochs", "max_train_samples", "num_threads"):
         if getattr(config, name) is not None and getattr(config, name) <= 0:
             raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
-    for name in ("learning_rate", "checkpointing_steps", "num_validation_images", "lr_warmup_steps", "max_grad_norm", "noise_offset", "keep_tokens",
+    for name in ("learning_rate", "checkpointing_steps", "num_validation_images", "eval_steps", "lr_warmup_steps", "max_grad_norm", "noise_offset", "keep_tokens",
                  "dataloader_num_workers"):
         if getattr(config, name) < 0:
             raise ValueError(f"{name} must not be negative, got {getattr(config, name)}")

@@ -152,7 +152,7 @@ class Evaluator:
             for kind in ("subject", "context", "prior"):
                 out.samples[f"toy {kind}"] = report.samples[kind]
                 out.labels[f"toy {kind}"] = [_verdict_text(v) for v in report.verdicts[kind]]
-        out.metrics = {k: round(float(v), 4) for k, v in figures.items()}
+        out.metrics = {k: round(float(v), 6) for k, v in figures.items()}
         return out
 
     def _prompt_figures(self, images: list[Image.Image]) -> dict[str, float]:
@@ -212,7 +212,7 @@ def run_eval(config: EvalConfig) -> dict:
     if config.checkpoints:
         return _eval_checkpoints(config, evaluator, reference, out)
     measurement = evaluator.measure(_pipeline(config), reference)
-    _write(measurement, out, "model")
+    write_measurement(measurement, out, "model")
     (out / "metrics.json").write_text(json.dumps(measurement.metrics, indent=2))
     print_table([("model", measurement.metrics)])
     return measurement.metrics
@@ -234,7 +234,7 @@ def _eval_checkpoints(config: EvalConfig, evaluator: Evaluator, reference: Refer
     for step, folder in targets:
         logger.info("evaluating step %d (%s)", step, folder)
         measurement = evaluator.measure(_trained_pipeline(config, folder), reference)
-        _write(measurement, out / f"step-{step}", f"step {step}")
+        write_measurement(measurement, out / f"step-{step}", f"step {step}")
         rows.append({"step": step, **measurement.metrics})
     (out / "metrics_by_step.json").write_text(json.dumps(rows, indent=2))
     _write_csv(rows, out / "metrics_by_step.csv")
@@ -378,16 +378,17 @@ def _verdict_text(verdict) -> str:
     return " ".join(str(getattr(verdict, name)) for name in ("color", "shape", "background") if hasattr(verdict, name))
 
 
-def _write(measurement: Measurement, folder: Path, title: str) -> None:
-    """The samples (PNG per image) and one grid: a row per kind, the judge's verdict under each toy sample."""
+def write_measurement(measurement: Measurement, folder: Path, title: str, images: bool = True) -> None:
+    """The samples (a PNG per image, with ``images``) and one grid: a row per kind, the judge's verdict under each
+    toy sample."""
     folder.mkdir(parents=True, exist_ok=True)
     tiles = []
-    for kind, images in measurement.samples.items():
+    for kind, samples in measurement.samples.items():
         stem = kind.replace(" ", "-")
-        for i, image in enumerate(images):
+        for i, image in enumerate(samples if images else []):
             image.save(folder / f"{stem}-{i:03d}.png")
-        labels = measurement.labels.get(kind, [""] * len(images))
-        tiles.append([_tile(image, label) for image, label in zip(images[:8], labels[:8])])
+        labels = measurement.labels.get(kind, [""] * len(samples))
+        tiles.append([_tile(image, label) for image, label in zip(samples[:8], labels[:8])])
     if tiles:
         columns = max(len(row) for row in tiles)
         rows = [row + [Image.new("RGB", row[0].size, "white")] * (columns - len(row)) for row in tiles]

@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from sdtune.preflight import check_before_imports
 from sdtune.precision import launch_device, resolve_mixed_precision
 from sdtune.sampling import sample_images, save_images
 from sdtune.threads import set_torch_threads
+from sdtune.training_eval import TrainingEvaluator
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +140,8 @@ class Trainer:
         self.config = self.method.config = config = resolved
         self._setup_optimizer()
         self.state = ckpt.TrainerState()
+        # --eval_steps: its inputs (prompts file, metrics) are checked now, not after the first N steps
+        self.evaluator = TrainingEvaluator(config) if config.eval_steps else None
         if config.resume_from_checkpoint:
             self._resume(resume)
         if config.report_to != "none" and self.accelerator.is_main_process:
@@ -251,6 +255,8 @@ class Trainer:
         logger.info("training %d samples for %d steps (%d processes x batch %d x %d accumulation)", self.num_samples,
                     config.max_train_steps, accelerator.num_processes, config.train_batch_size, accum)
         pending: list[torch.Tensor] = []  # per-step losses kept on device until the next flush (no sync per step)
+        if config.eval_steps and self.state.global_step == 0:
+            self.evaluate()  # the reference model's samples: before the first step the model is the base
         first_step, timer = self.state.global_step, None
         while self.state.global_step < config.max_train_steps:
             if timer is None and self.state.global_step == first_step + 1:
@@ -284,6 +290,8 @@ class Trainer:
                 self._free_optimizer_state()
             if config.validation_prompt and config.num_validation_images and (step % config.validation_steps == 0 or is_last):
                 self.validate()
+            if config.eval_steps and (step % config.eval_steps == 0 or is_last):
+                self.evaluate()
         progress.close()
         steps_per_second = None
         if timer is not None and self.state.global_step - first_step > 1:
@@ -413,26 +421,33 @@ class Trainer:
         logger.info("saved %s", path)
         return path
 
+    @contextmanager
+    def _sampling_mode(self):
+        """The models as a pipeline wants them: eval mode (no LoRA dropout in the images), parked text encoders back
+        on the device; restored afterwards."""
+        modes = {module: module.training for module in (self.components.unet, *self.components.text_encoders)}
+        homes = {module: module.device for module in self.components.text_encoders}
+        for module in modes:
+            module.eval()
+        for module in homes:
+            module.to(self.accelerator.device)
+        try:
+            yield
+        finally:
+            for module, training in modes.items():
+                module.train(training)
+            for module, home in homes.items():
+                module.to(home)
+
     def validate(self) -> None:
         if self.accelerator.is_main_process:
             config = self.config
-            modes = {module: module.training for module in (self.components.unet, *self.components.text_encoders)}
-            homes = {module: module.device for module in self.components.text_encoders}
-            for module in modes:
-                module.eval()  # no LoRA dropout in the images
-            for module in homes:
-                module.to(self.accelerator.device)  # parked encoders come back for the pipeline
-            try:
+            with self._sampling_mode():
                 images = sample_images(
                     self.components, config.validation_prompt, num_images=config.num_validation_images, seed=config.seed,
                     resolution=config.resolution, num_inference_steps=config.validation_inference_steps,
                     autocast=self.accelerator.autocast, controls=self.method.validation_controls(self.components),
                 )
-            finally:
-                for module, training in modes.items():
-                    module.train(training)
-                for module, home in homes.items():
-                    module.to(home)
             save_images(images, self.output_dir / "validation", stem=f"step{self.state.global_step:06d}")
             for tracker in self.accelerator.trackers:
                 if tracker.name == "tensorboard":
@@ -440,6 +455,23 @@ class Trainer:
 
                     tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]),
                                               self.state.global_step, dataformats="NHWC")
+        self.accelerator.wait_for_everyone()
+
+    def evaluate(self) -> None:
+        """--eval_steps: score the model now as `sdtune eval` does (main process); at step 0, sample the reference."""
+        if self.accelerator.is_main_process:
+            from sdtune.sampling import make_scheduler
+
+            step = self.state.global_step
+            scheduler = make_scheduler(self.evaluator.eval_config.scheduler, self.components.noise_scheduler.config)
+            with self._sampling_mode(), self.accelerator.autocast():
+                pipe = self.components.pipeline(scheduler=scheduler)
+                pipe.set_progress_bar_config(disable=True)
+                if step == 0:
+                    self.evaluator.set_reference(lambda: pipe)
+                else:
+                    metrics = self.evaluator.measure(pipe, step)
+                    self.accelerator.log({f"eval/{name}": value for name, value in metrics.items()}, step=step)
         self.accelerator.wait_for_everyone()
 
     def export(self) -> dict[str, Path]:

@@ -38,7 +38,7 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 BOOKKEEPING = frozenset({
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "max_train_steps", "num_train_epochs",
     "checkpointing_steps", "checkpoints_total_limit", "validation_prompt", "num_validation_images", "validation_steps",
-    "validation_epochs", "validation_inference_steps", "report_to", "logging_dir", "tracker_project_name",
+    "validation_epochs", "validation_inference_steps", "eval_steps", "eval_metrics", "eval_config", "report_to", "logging_dir", "tracker_project_name",
     "push_to_hub", "hub_model_id", "hub_private", "dataloader_num_workers", "cache_dir", "cache_latents",
     "cache_text_embeddings", "vae_batch_size", "sample_batch_size", "reuse_host_memory", "compile", "channels_last",
     "num_threads",

@@ -6,7 +6,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # the feature models below are saved to tmp_
 
 import random  # noqa: E402
 import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -20,8 +19,6 @@ from sdtune.image_metrics import (  # noqa: E402
     load_features, mean_cross_cosine, mean_paired_cosine,
 )
 from sdtune.toy.world import Scene, draw  # noqa: E402
-
-TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "sdtune" / "toy" / "clip_tokenizer"
 
 
 def gaussian(n: int, mean: np.ndarray, cov: np.ndarray, seed: int) -> torch.Tensor:
@@ -115,27 +112,6 @@ def images(n: int, size: int = 40) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> Path:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=24, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    path = tmp_path_factory.mktemp("tiny-clip")
-    CLIPModel(config).save_pretrained(path)
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
-    return path
-
-
 def test_tiny_clip_gives_projected_image_and_text_features(tiny_clip):
     clip = load_features("clip", str(tiny_clip))
     assert isinstance(clip, ClipFeatures) and clip.name == "clip"
@@ -151,19 +127,6 @@ def test_tiny_clip_gives_projected_image_and_text_features(tiny_clip):
     # loading the folder again gives the same features: the weights come from disk, not a fresh init
     assert torch.equal(load_features("clip", str(tiny_clip)).images(pictures), first)
     assert clip.images([]).shape == (0, 16)
-
-
-@pytest.fixture(scope="module")
-def tiny_dino(tmp_path_factory) -> Path:
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    torch.manual_seed(0)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                       image_size=32, patch_size=8)
-    path = tmp_path_factory.mktemp("tiny-dino")
-    ViTModel(config, add_pooling_layer=False).save_pretrained(path)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
 
 
 def test_tiny_dino_gives_the_cls_token(tiny_dino):
