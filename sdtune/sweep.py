@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 TRAIN_COMMANDS = ("train-lora", "train-dreambooth", "train-textual-inversion", "train-controlnet")
 _CONSTRAINT = re.compile(r"\s*(>=|<=)\s*(-?[\d.]+(?:e-?\d+)?)\s*")
 _FINISHED = ("COMPLETE", "PRUNED")
+_POLL_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,9 @@ class SweepConfig:
                                "(default: this Python, one process).")
     sampler: str = option("tpe", "Optuna sampler: tpe (one or several objectives, constraints) or random.",
                           choices=("tpe", "random"))
-    startup_trials: int = option(8, "Random trials before TPE models the results.")
+    startup_trials: int = option(8, "Random trials before TPE models the results (and before the pruner prunes).")
+    prune_eval_steps: int = option(0, "Evaluate each trial every N training steps and stop the ones the median pruner "
+                                      "finds behind (one objective only; 0: no pruning).")
     seed: int = option(0, "Seed of the sampler (the trials' own seed is the recipe's).")
     output_dir: str = option("sweep", "Where study.db, the trials, results.csv, the plot and best_recipe.yaml go.")
 
@@ -91,7 +94,9 @@ class SweepConfig:
         for metric, rule in self.constraints.items():
             if not isinstance(rule, str) or not _CONSTRAINT.fullmatch(rule):
                 raise ConfigError(f"sweep: constraint {metric}: write '>= 0.9' or '<= 0.1', got {rule!r}")
-        if self.n_trials <= 0 or self.parallel <= 0:
+        if self.prune_eval_steps and len(self.objectives) > 1:
+            raise ConfigError("sweep: prune_eval_steps needs one objective (Optuna prunes single-objective studies only)")
+        if self.n_trials <= 0 or self.parallel <= 0 or self.prune_eval_steps < 0:
             raise ConfigError("sweep: n_trials and parallel must be positive")
         for name, spec in self.space.items():
             _check_param(name, spec)
@@ -146,48 +151,75 @@ class TrialRunner:
         recipe = {**self.config.recipe, **options, "output_dir": str(trial_dir / "model")}
         return fill(recipe, {**self.placeholders, "trial_dir": str(trial_dir)})
 
-    def run(self, number: int, options: dict) -> dict[str, float]:
+    def run(self, number: int, options: dict, trial=None) -> dict[str, float]:
+        """Train and evaluate one trial; with ``prune_eval_steps``, ``trial`` hears the figures as training goes
+        and may stop it (optuna.TrialPruned)."""
+        from sdtune.evaluate import trained_model_options
+
         trial_dir = self.out / f"trial-{number:03d}"
         trial_dir.mkdir(parents=True, exist_ok=True)
         recipe = self.recipe(options, trial_dir)
+        eval_options = {**fill(self.config.eval, self.placeholders), "cache_dir": str(self.out / "reference-cache")}
+        if self.config.prune_eval_steps:
+            (trial_dir / "eval-during-training.yaml").write_text(yaml.safe_dump(eval_options, sort_keys=False))
+            recipe.update(eval_steps=self.config.prune_eval_steps, eval_config=str(trial_dir / "eval-during-training.yaml"))
         (trial_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         start = time.perf_counter()
-        self._sdtune([*shlex.split(self.config.launcher)] if self.config.launcher else None,
-                     [self.config.command, "--config", str(trial_dir / "recipe.yaml"), "--overwrite_output_dir", "true"],
-                     trial_dir / "train.log")
+        launcher = shlex.split(self.config.launcher) if self.config.launcher else None
+        reported: set[int] = set()
+        watch = (lambda: _report_progress(trial, Path(recipe["output_dir"]), next(iter(self.config.objectives)), reported)) \
+            if trial is not None and self.config.prune_eval_steps else None
+        self._sdtune(launcher, [self.config.command, "--config", str(trial_dir / "recipe.yaml"),
+                                "--overwrite_output_dir", "true"], trial_dir / "train.log", watch)
         train_seconds = time.perf_counter() - start
-        eval_config = eval_recipe(self.config.eval, recipe, Path(recipe["output_dir"]), self.out, self.placeholders)
-        eval_config["output_dir"] = str(trial_dir / "eval")
+        eval_config = {"pretrained_model_name_or_path": recipe["pretrained_model_name_or_path"], **eval_options,
+                       **trained_model_options(Path(recipe["output_dir"]), recipe["pretrained_model_name_or_path"]),
+                       "output_dir": str(trial_dir / "eval")}
         (trial_dir / "eval.yaml").write_text(yaml.safe_dump(eval_config, sort_keys=False))
         self._sdtune(None, ["eval", "--config", str(trial_dir / "eval.yaml")], trial_dir / "eval.log")
         metrics = json.loads((trial_dir / "eval" / "metrics.json").read_text())
         return {**metrics, "train_seconds": round(train_seconds, 1),
                 "eval_seconds": round(time.perf_counter() - start - train_seconds, 1)}
 
-    def _sdtune(self, launcher: list[str] | None, args: list[str], log: Path) -> None:
+    def _sdtune(self, launcher: list[str] | None, args: list[str], log: Path, watch=None) -> None:
+        """Run an sdtune command to its end; ``watch()`` is called every few seconds meanwhile and may raise to stop it."""
         command = [*launcher, "-m", "sdtune", *args] if launcher else [sys.executable, "-m", "sdtune", *args]
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "")}
-        env = {k: v for k, v in env.items() if v != "" or k != "HF_HUB_OFFLINE"}
+        env = dict(os.environ)
+        if not launcher:  # a launched group of processes divides the cores itself (sdtune.threads)
+            env["OMP_NUM_THREADS"] = str(self.threads)
         with log.open("w") as handle:
-            done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
-        if done.returncode != 0:
+            process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+            try:
+                while process.poll() is None:
+                    time.sleep(_POLL_SECONDS)
+                    if watch is not None:
+                        watch()
+            except BaseException:
+                process.terminate()
+                process.wait()
+                raise
+        if process.returncode != 0:
             last = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:] or ["(no output)"]
-            raise TrialFailed(f"{' '.join(args[:1])} exited with {done.returncode}: {last[0][:200]} (see {log})")
+            raise TrialFailed(f"{args[0]} exited with {process.returncode}: {last[0][:200]} (see {log})")
+
+
+def _report_progress(trial, model_dir: Path, metric: str, reported: set[int]) -> None:
+    """Report the training run's new --eval_steps figures to Optuna; stop the trial if the pruner says so."""
+    import optuna
+
+    from sdtune.training_eval import read_history
+
+    for row in read_history(model_dir):
+        if row["step"] in reported or metric not in row:
+            continue
+        trial.report(row[metric], row["step"])
+        reported.add(row["step"])
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"{metric} {row[metric]:.3f} at step {row['step']}")
 
 
 class TrialFailed(Exception):
     """A trial's training or evaluation process failed; the sweep records it and goes on."""
-
-
-def eval_recipe(eval_options: dict, recipe: dict, trained: Path, sweep_dir: Path, placeholders: dict) -> dict:
-    """`sdtune eval` options for a trained output: the base from the recipe, the output as LoRA,
-    embeddings or the model itself, and the reference's cache shared by every trial."""
-    from sdtune.evaluate import trained_model_options
-
-    options = {"pretrained_model_name_or_path": recipe["pretrained_model_name_or_path"],
-               **fill(eval_options, placeholders), "cache_dir": str(sweep_dir / "reference-cache")}
-    options.update(trained_model_options(trained, options["pretrained_model_name_or_path"]))
-    return options
 
 
 def fill(value: Any, placeholders: dict[str, str]) -> Any:
@@ -228,7 +260,7 @@ def run_sweep(config: SweepConfig) -> dict:
     def objective(trial):
         _, options = suggest(trial, config.space)
         try:
-            metrics = runner.run(trial.number, options)
+            metrics = runner.run(trial.number, options, trial)
         except TrialFailed as err:
             logger.warning("trial %d failed: %s", trial.number, err)
             raise
@@ -272,8 +304,9 @@ def _study(optuna, config: SweepConfig, out: Path):
                                              multivariate=True, group=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'study.db').resolve()}",
                                          engine_kwargs={"connect_args": {"timeout": 60}})
-    return optuna.create_study(study_name="sdtune-sweep", storage=storage, sampler=sampler, load_if_exists=True,
-                               directions=directions)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=config.startup_trials) if config.prune_eval_steps else None
+    return optuna.create_study(study_name="sdtune-sweep", storage=storage, sampler=sampler, pruner=pruner,
+                               load_if_exists=True, directions=directions)
 
 
 def violations(metrics: dict, constraints: dict) -> dict[str, float]:
@@ -338,8 +371,7 @@ def report(study, config: SweepConfig, runner: TrialRunner, out: Path) -> dict:
         logger.warning("no trial finished; see the trials' train.log and eval.log in %s", out)
         return {}
     _, options = suggest(_FixedTrial(best.params), config.space)
-    recipe = runner.recipe(options, out / "best")
-    recipe["output_dir"] = f"{config.command}-best"
+    recipe = runner.recipe(options, out / "best")  # trains into OUTPUT_DIR/best/model unless --output_dir says otherwise
     (out / "best_recipe.yaml").write_text(
         f"# sdtune {config.command} --config best_recipe.yaml  (sweep trial {best.number}: "
         + ", ".join(f"{m} {best.user_attrs.get(m, float('nan')):.3f}" for m in _figures(config))
