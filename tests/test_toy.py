@@ -66,3 +66,15 @@ def test_shipped_base_cannot_draw_the_held_out_star(base_pipe):
     probes = [Probe("a xon triangle", lambda v: True), Probe("a star", lambda v: True)]
     verdicts = load_judge().classify([image for _, image in sample_probes(base_pipe, probes, 32, SamplingSettings())])
     assert sum(v.shape == HELD_OUT_SHAPE for v in verdicts) <= 3
+
+
+def test_shipped_base_text_encoder_has_the_layout_every_transformers_reads():
+    """transformers 5 saves CLIPTextModel without the `text_model.` level; transformers 4 (the lower bound) then loads
+    a random text encoder with only a warning, and the demo learns nothing. The shipped file keeps the level."""
+    from safetensors import safe_open
+
+    from sdtune.toy.base_model import BASE_DIR
+
+    with safe_open(str(BASE_DIR / "text_encoder" / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(key.startswith("text_model.") for key in keys)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from sdtune.export import add_text_model_level_to_saved_text_encoder
 from sdtune.toy.tiny_model import tiny_tokenizer
 from sdtune.toy.world import IMAGE_SIZE, Scene, all_scenes, draw, pretraining_scenes, render_folder, to_pixels
 
@@ -113,6 +114,7 @@ def build_random_base(output_dir: str | Path, vae: AutoencoderKL, seed: int = 0)
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(output_dir, safe_serialization=True)
+    add_text_model_level_to_saved_text_encoder(Path(output_dir) / "text_encoder")  # loadable by transformers 4 too
     return Path(output_dir)
 
 
