@@ -121,7 +121,8 @@ COMMANDS: dict[str, Command] = {
     "eval": Command(EvalConfig, _eval, "Measure a LoRA, embeddings, DreamBooth model or every checkpoint of a run: "
                                        "CLIP-T, CLIP-I, DINO, FID, KID, prior drift (and the toy world's judge figures)."),
     "sweep": Command(SweepConfig, _sweep, "Search any training options with Optuna, each trial scored by sdtune eval; "
-                                         "writes results.csv, a plot and best_recipe.yaml (sweep file: --config)."),
+                                         "writes results.csv, a plot and best_recipe.yaml. The sweep file (--config) holds recipe, space, eval, "
+                                         "objectives and constraints: see examples/toy_sweep.yaml."),
     "push": Command(PushConfig, _push, "Upload an output folder to the Hugging Face Hub.", positional="folder"),
     "demo": Command(DemoConfig, _demo, "Offline quickstart: teach the toy world's held-out concepts with four methods and "
                                        "measure what each learned and kept (metrics.json, before/after grids)."),

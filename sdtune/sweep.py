@@ -16,7 +16,8 @@ The sweep file::
       rank: {choices: [4, 8, 16]}
       captions:                           # a named choice that sets several options
         choices: {plain: {instance_data_dir: a/}, background: {instance_data_dir: b/}}
-      text_encoder_lr: {low: 1e-4, high: 1e-3, log: true, when: {train_text_encoder: true}}
+      method: {choices: {lora: {use_lora: true}, full: {use_lora: false}}}
+      lora_lr: {option: learning_rate, low: 1e-3, high: 1e-2, log: true, when: {method: lora}}
     eval: {...}                           # `sdtune eval` options (the model is the trial's output)
     objectives: {subject_fidelity: maximize, prior_preservation: maximize}
     constraints: {prior_preservation: ">= 0.9"}
@@ -129,12 +130,14 @@ def suggest(trial, space: dict) -> tuple[dict, dict]:
             value = trial.suggest_categorical(name, names)
             chosen[name] = value
             options.update(choices[value] if isinstance(choices, dict) else {spec.get("option", name): value})
-        elif isinstance(spec["low"], int) and isinstance(spec["high"], int) and not spec.get("log_float"):
-            chosen[name] = options[spec.get("option", name)] = trial.suggest_int(name, spec["low"], spec["high"], step=spec.get("step", 1),
-                                                              log=spec.get("log", False))
         else:
-            chosen[name] = options[spec.get("option", name)] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]),
-                                                                log=spec.get("log", False), step=spec.get("step"))
+            option_name = spec.get("option", name)
+            if isinstance(spec["low"], int) and isinstance(spec["high"], int):  # 200..600: steps, ranks, counts
+                value = trial.suggest_int(name, spec["low"], spec["high"], step=spec.get("step", 1), log=spec.get("log", False))
+            else:
+                value = trial.suggest_float(name, float(spec["low"]), float(spec["high"]), log=spec.get("log", False),
+                                            step=spec.get("step"))
+            chosen[name] = options[option_name] = value
     return chosen, options
 
 
@@ -143,7 +146,7 @@ class TrialRunner:
 
     def __init__(self, config: SweepConfig, placeholders: dict[str, str]):
         self.config = config
-        self.out = Path(config.output_dir)
+        self.out = Path(config.output_dir).resolve()
         self.placeholders = placeholders
         self.threads = max(1, _usable_cores() // config.parallel)
 

@@ -8,6 +8,7 @@ is taught to a new token by textual inversion. The judge scores fixed-seed sampl
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -77,26 +78,43 @@ def _class_probes(shape: str, exclude_color: str | None = None) -> list[Probe]:
 
 
 @dataclass(frozen=True)
+class ConceptARecipe:
+    """How one DreamBooth variant learns concept A: the options `sdtune sweep` (examples/toy_sweep.yaml) varies."""
+
+    learning_rate: float
+    max_train_steps: int
+    text_encoder_lr: float | None  # None: the UNet's rate
+    rank: int | None = None  # LoRA only
+    prior_loss_weight: float = 1.0
+    num_class_images: int = 60
+    snr_gamma: float | None = None
+    captions: str = "plain"  # plain ("a xon triangle") or background ("a xon triangle on a gray background")
+
+    def options(self, data: dict[str, Path]) -> dict:
+        """DreamBoothConfig options (the instance folder chosen by ``captions``)."""
+        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("rank", "captions")}
+        if self.rank is not None:
+            options.update(use_lora=True, rank=self.rank, lora_targets="attn_ff")
+        return {**options, "instance_data_dir": str(data["a_backgrounds" if self.captions == "background" else "a"])}
+
+
+@dataclass(frozen=True)
 class DemoSettings:
-    """The demo's recipe (tuned on the toy world) and sample counts; ``quick`` samples less."""
+    """The demo's recipes and sample counts; ``quick`` samples less."""
 
     num_samples: int = 96  # per figure (subject, context, prior)
     held_in_samples: int = 300
     instance_images: int = 8
     concept_b_images: int = 12
-    lora_steps: int = 400
-    dreambooth_steps: int = 250
-    textual_inversion_steps: int = 400
-    num_class_images: int = 60
-    lora_learning_rate: float = 3e-3
-    dreambooth_learning_rate: float = 2e-4
-    textual_inversion_learning_rate: float = 1e-2
-    train_text_encoder: bool = True  # concept A: lets the identifier mean something apart from the class noun
-    lora_text_encoder_lr: float = 5e-4
+    # DreamBooth-LoRA: rank 8 on attention and feed-forward layers, with a text-encoder LoRA (lets the identifier
+    # mean something apart from the class noun)
+    lora: ConceptARecipe = ConceptARecipe(learning_rate=3e-3, max_train_steps=400, text_encoder_lr=5e-4, rank=8)
     # Full DreamBooth trains the text encoder at the UNet's rate, as diffusers' train_dreambooth.py: over 5 seeds
     # (benchmarks/learning_parity.py) it keeps 0.78 of the prior; 2.5x that rate (the earlier demo) bought subject
     # fidelity 0.98 with the prior down to 0.63 (issue 17), a trade the demo should not present as the result.
-    dreambooth_text_encoder_lr: float | None = None
+    dreambooth: ConceptARecipe = ConceptARecipe(learning_rate=2e-4, max_train_steps=250, text_encoder_lr=None)
+    textual_inversion_steps: int = 400
+    textual_inversion_learning_rate: float = 1e-2
 
     @classmethod
     def quick(cls) -> "DemoSettings":
@@ -168,19 +186,16 @@ class Demo:
         s, out = self.settings, str(self.output_dir / name)
         common = dict(pretrained_model_name_or_path=str(self.base), resolution=32, train_batch_size=4, seed=self.seed,
                       checkpointing_steps=0, report_to="none", mixed_precision="no", output_dir=out)
-        concept_a = dict(common, instance_data_dir=str(self.data["a"]), train_text_encoder=s.train_text_encoder)
-        dreambooth = dict(concept_a, learning_rate=s.dreambooth_learning_rate, text_encoder_lr=s.dreambooth_text_encoder_lr,
-                          max_train_steps=s.dreambooth_steps, save_precision="fp32")
+        concept_a = dict(common, train_text_encoder=True, save_precision="fp32")
         prior = dict(with_prior_preservation=True, class_data_dir=str(self.output_dir / "data" / "class_triangle"),
-                     class_prompt=f"a {CLASS_SHAPE}", num_class_images=s.num_class_images)
+                     class_prompt=f"a {CLASS_SHAPE}")
         if name == "lora":
-            return train_dreambooth(DreamBoothConfig(**concept_a, **prior, use_lora=True, rank=8, lora_targets="attn_ff",
-                                                     learning_rate=s.lora_learning_rate, max_train_steps=s.lora_steps,
-                                                     text_encoder_lr=s.lora_text_encoder_lr))
+            return train_dreambooth(DreamBoothConfig(**concept_a, **prior, **s.lora.options(self.data)))
         if name == "dreambooth":
-            return train_dreambooth(DreamBoothConfig(**dreambooth, **prior))
+            return train_dreambooth(DreamBoothConfig(**concept_a, **prior, **s.dreambooth.options(self.data)))
         if name == "dreambooth_no_prior":
-            return train_dreambooth(DreamBoothConfig(**dreambooth))
+            options = {k: v for k, v in s.dreambooth.options(self.data).items() if k not in ("prior_loss_weight", "num_class_images")}
+            return train_dreambooth(DreamBoothConfig(**concept_a, **options))
         if name == "textual_inversion":
             return train_textual_inversion(TextualInversionConfig(
                 **common, instance_data_dir=str(self.data["b"]), placeholder_token=TI_TOKEN, initializer_token=TI_SHAPE,
