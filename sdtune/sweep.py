@@ -472,9 +472,10 @@ def plot_sweep(study, config: SweepConfig, best, path: Path) -> Path | None:
                               label="trials (red edge: misses a constraint)")
         if len(names) > 2:
             figure.colorbar(points, ax=axis, label=names[2])
-        front = sorted((t.user_attrs[names[0]], t.user_attrs[names[1]]) for t in study.best_trials)
-        if front:
-            axis.plot(*zip(*front), color="tab:orange", ls=":", lw=1, label="Pareto-optimal trials")
+        front = [t for t in study.best_trials if t.state.name == "COMPLETE"]
+        if front:  # marked, not joined: with a third objective the front is not a line in this plane
+            axis.scatter([t.user_attrs[names[0]] for t in front], [t.user_attrs[names[1]] for t in front], marker="x",
+                         color="tab:orange", s=30, label="Pareto-optimal (all objectives)")
         axis.set_xlabel(names[0])
         axis.set_ylabel(names[1])
         for metric, rule in config.constraints.items():
