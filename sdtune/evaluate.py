@@ -34,7 +34,8 @@ from sdtune.sampling import generate, make_grid
 logger = logging.getLogger(__name__)
 
 _PROMPT_METRICS = ("clip_t", "clip_i", "dino", "fid", "kid")
-_FIGURE_COLUMNS = ("clip_t", "clip_i", "dino", "fid", "kid", "prior_drift", "subject_fidelity", "context_fidelity",
+_FIGURE_COLUMNS = ("clip_t", "clip_i", "dino", *(f"{m}{space}" for m in ("fid", "kid") for space in ("", "_dino", "_clip", "_judge")),
+                   "prior_drift", "subject_fidelity", "context_fidelity",
                    "prior_preservation", "toy_prior_drift")
 
 
@@ -177,10 +178,12 @@ class Evaluator:
             option = "--reference_dir" if config.reference_dir else "--instance_data_dir"
             real = self._folder_features(config.fid_features, folder, option)
             fake = self.features(config.fid_features).images(images)
+            # named by their feature space unless it is the standard one: a DINO FID is not comparable with an Inception FID
+            space = "" if config.fid_features == "inception" else f"_{config.fid_features}"
             if "fid" in self.metrics:
-                figures["fid"] = frechet_distance(real, fake)
+                figures[f"fid{space}"] = frechet_distance(real, fake)
             if "kid" in self.metrics:
-                figures["kid"], figures["kid_std"] = kernel_inception_distance(real, fake)
+                figures[f"kid{space}"], figures[f"kid{space}_std"] = kernel_inception_distance(real, fake)
         return figures
 
     def _toy_report(self, pipe):
@@ -434,7 +437,7 @@ def plot_by_step(rows: list[dict], path: Path) -> Path | None:
     except ImportError:
         logger.warning("matplotlib is not installed: no %s (pip install 'sdtune[eval]'); the CSV has the numbers", path.name)
         return None
-    names = [c for c in rows[0] if c not in ("step", "kid_std")]
+    names = [c for c in rows[0] if c != "step" and not c.endswith("_std")]
     figure, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
     steps = [row["step"] for row in rows]
     for axis, name in zip(axes[0], names):

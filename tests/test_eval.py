@@ -36,15 +36,15 @@ def strong_lora(lora_config, tmp_path):
 
 def test_every_metric_on_a_lora_and_no_drift_for_the_base_itself(eval_config, strong_lora, tmp_path):
     base = evaluate(dataclasses.replace(eval_config, output_dir=str(tmp_path / "base")))
-    assert set(base) == {"clip_t", "clip_i", "dino", "fid", "kid", "kid_std", "prior_drift"}
+    assert set(base) == {"clip_t", "clip_i", "dino", "fid_clip", "kid_clip", "kid_clip_std", "prior_drift"}
     assert base["prior_drift"] == pytest.approx(0.0, abs=1e-6)  # the reference is the same model, same seeds
     assert all(-1.0 <= base[m] <= 1.0 for m in ("clip_t", "clip_i", "dino"))
-    assert base["fid"] >= 0
+    assert base["fid_clip"] >= 0  # named by its feature space: not comparable with an Inception FID
     cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
 
     tuned = evaluate(dataclasses.replace(eval_config, lora=str(strong_lora)))
     assert tuned["prior_drift"] > 1e-4  # the LoRA moved the class prompt's images (the base: exactly 0)
-    assert tuned["clip_i"] != base["clip_i"] and tuned["fid"] != base["fid"]
+    assert tuned["clip_i"] != base["clip_i"] and tuned["fid_clip"] != base["fid_clip"]
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == cached  # the reference was sampled once
     out = tmp_path / "eval"
     assert json.loads((out / "metrics.json").read_text()) == tuned
