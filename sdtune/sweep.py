@@ -278,10 +278,15 @@ def run_sweep(config: SweepConfig) -> dict:
         values = [metrics[m] for m in objectives]
         return values[0] if len(values) == 1 else values
 
-    if remaining > 0:
+    while remaining > 0:  # failed trials do not count: run until n_trials finished, or a round finishes none
         logger.info("sweep: %d trial(s) to run, %d at once, %d thread(s) each; study in %s", remaining, config.parallel,
                     runner.threads, out / "study.db")
         study.optimize(objective, n_trials=remaining, n_jobs=config.parallel, catch=(TrialFailed,))
+        left = config.n_trials - sum(t.state.name in _FINISHED for t in study.trials)
+        if left == remaining:
+            logger.warning("sweep: all %d trial(s) of this round failed; stopping (see their train.log and eval.log)", remaining)
+            break
+        remaining = left
     return report(study, config, runner, out)
 
 

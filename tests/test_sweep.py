@@ -181,3 +181,29 @@ def test_toy_sweep_runs_two_trials_and_its_best_recipe_trains_unchanged(tmp_path
     assert main(["train-dreambooth", "--config", str(best)]) == 0
     trained = Path(yaml.safe_load(best.read_text())["output_dir"])
     assert (trained / "pytorch_lora_weights.safetensors").is_file() or (trained / "model_index.json").is_file()
+
+
+def test_a_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    from sdtune.sweep import TrialFailed
+
+    def flaky_run(self, number, options, trial=None):
+        if number == 0:
+            raise TrialFailed("train-lora exited with 1: CUDA out of memory (see trial-000/train.log)")
+        return {"clip_t": options["learning_rate"]}
+
+    monkeypatch.setattr(TrialRunner, "run", flaky_run)
+    best = run_sweep(fake_sweep(tmp_path, 2))
+    states = [row.split(",")[1] for row in (tmp_path / "sweep" / "results.csv").read_text().splitlines()[1:]]
+    assert states == ["FAIL", "COMPLETE", "COMPLETE"] and best["trial"] in (1, 2)
+
+
+def test_a_sweep_whose_every_trial_fails_stops(tmp_path, monkeypatch):
+    from sdtune.sweep import TrialFailed
+
+    def broken_run(self, number, options, trial=None):
+        raise TrialFailed("train-lora exited with 2: sdtune: error: --instance_data_dir typo/: no such folder")
+
+    monkeypatch.setattr(TrialRunner, "run", broken_run)
+    assert run_sweep(fake_sweep(tmp_path, 3)) == {}  # no best recipe, and no endless retrying
+    states = [row.split(",")[1] for row in (tmp_path / "sweep" / "results.csv").read_text().splitlines()[1:]]
+    assert states == ["FAIL"] * 3
