@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from sdtune.command_configs import EvalConfig
 from sdtune.errors import ConfigError
-from sdtune.sampling import generate, make_grid
+from sdtune.sampling import generate
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +205,7 @@ class Evaluator:
 
 def run_eval(config: EvalConfig) -> dict:
     """Measure the model (or every checkpoint of ``--checkpoints``); write metrics, images, grid (and plot)."""
+    from sdtune.eval_report import print_table, write_measurement
     from sdtune.threads import set_torch_threads
 
     set_torch_threads()
@@ -222,6 +223,7 @@ def run_eval(config: EvalConfig) -> dict:
 
 
 def _eval_checkpoints(config: EvalConfig, evaluator: Evaluator, reference: Reference, out: Path) -> dict:
+    from sdtune.eval_report import plot_by_step, print_table, write_csv, write_measurement
     from sdtune.run_identity import CHECKPOINT_PATTERN, list_checkpoints
 
     run = Path(config.checkpoints)
@@ -240,7 +242,7 @@ def _eval_checkpoints(config: EvalConfig, evaluator: Evaluator, reference: Refer
         write_measurement(measurement, out / f"step-{step}", f"step {step}")
         rows.append({"step": step, **measurement.metrics})
     (out / "metrics_by_step.json").write_text(json.dumps(rows, indent=2))
-    _write_csv(rows, out / "metrics_by_step.csv")
+    write_csv(rows, out / "metrics_by_step.csv")
     plot_by_step(rows, out / "metrics_by_step.png")
     print_table([(f"step {row['step']}", row) for row in rows])
     return {"steps": rows}
@@ -379,73 +381,3 @@ def _toy_figures(report, reference: Reference) -> dict[str, float]:
 
 def _verdict_text(verdict) -> str:
     return " ".join(str(getattr(verdict, name)) for name in ("color", "shape", "background") if hasattr(verdict, name))
-
-
-def write_measurement(measurement: Measurement, folder: Path, title: str, images: bool = True) -> None:
-    """The samples (a PNG per image, with ``images``) and one grid: a row per kind, the judge's verdict under each
-    toy sample."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tiles = []
-    for kind, samples in measurement.samples.items():
-        stem = kind.replace(" ", "-")
-        for i, image in enumerate(samples if images else []):
-            image.save(folder / f"{stem}-{i:03d}.png")
-        labels = measurement.labels.get(kind, [""] * len(samples))
-        tiles.append([_tile(image, label) for image, label in zip(samples[:8], labels[:8])])
-    if tiles:
-        columns = max(len(row) for row in tiles)
-        rows = [row + [Image.new("RGB", row[0].size, "white")] * (columns - len(row)) for row in tiles]
-        grid = make_grid([tile for row in rows for tile in row], columns=columns)
-        canvas = Image.new("RGB", (grid.width, grid.height + 16), "white")
-        canvas.paste(grid, (0, 16))
-        ImageDraw.Draw(canvas).text((4, 2), f"{title}: rows " + " / ".join(measurement.samples), fill="black")
-        canvas.save(folder / "grid.png")
-
-
-def _tile(image: Image.Image, label: str, side: int = 128) -> Image.Image:
-    tile = Image.new("RGB", (side, side + (14 if label else 0)), "white")
-    tile.paste(image.resize((side, side), Image.Resampling.NEAREST if image.width < side else Image.Resampling.LANCZOS))
-    if label:
-        ImageDraw.Draw(tile).text((2, side + 1), label[:22], fill="black")
-    return tile
-
-
-def print_table(rows: list[tuple[str, dict]]) -> None:
-    columns = [c for c in _FIGURE_COLUMNS if any(c in row for _, row in rows)]
-    print(f"{'':14}" + "".join(f"{c:>20}" for c in columns))
-    for name, row in rows:
-        print(f"{name:14}" + "".join(f"{row[c]:>20.4f}" if c in row else f"{'':>20}" for c in columns))
-
-
-def _write_csv(rows: list[dict], path: Path) -> None:
-    import csv
-
-    columns = ["step"] + [c for c in rows[0] if c != "step"]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def plot_by_step(rows: list[dict], path: Path) -> Path | None:
-    """Each metric against the step (one panel per metric), so a user sees where fidelity peaks and drift begins."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no %s (pip install 'sdtune[eval]'); the CSV has the numbers", path.name)
-        return None
-    names = [c for c in rows[0] if c != "step" and not c.endswith("_std")]
-    figure, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
-    steps = [row["step"] for row in rows]
-    for axis, name in zip(axes[0], names):
-        axis.plot(steps, [row[name] for row in rows], marker="o")
-        axis.set_title(name)
-        axis.set_xlabel("step")
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path

@@ -59,7 +59,7 @@ class TrainingEvaluator:
         self.reference = self.evaluator.reference(load, reference_identity(self.eval_config))
 
     def measure(self, pipe, step: int) -> dict[str, float]:
-        from sdtune.evaluate import write_measurement
+        from sdtune.eval_report import write_measurement
 
         if self.reference is None:  # resumed without a cached reference: load the base for it
             self.set_reference(None)
