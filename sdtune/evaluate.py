@@ -336,15 +336,9 @@ def _check_inputs(config: EvalConfig, metrics: list[str]) -> None:
 
 
 def _read_prompts(config: EvalConfig) -> list[str]:
-    if config.prompt:
-        return [config.prompt]
-    path = Path(config.prompts)
-    if not path.is_file():
-        raise ConfigError(f"--prompts {path}: no such file (one prompt per line)")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise ConfigError(f"--prompts {path} holds no prompt (one per line)")
-    return prompts
+    from sdtune.sampling import read_prompts_file
+
+    return [config.prompt] if config.prompt else read_prompts_file(config.prompts, "--prompts")
 
 
 def read_folder_images(folder: str, option: str) -> list[Image.Image]:

@@ -269,16 +269,23 @@ def _prompts(config) -> list[str]:
     from sdtune.errors import ConfigError
 
     if config.prompts_file:
-        path = Path(config.prompts_file)
-        if not path.is_file():
-            raise ConfigError(f"--prompts_file {path}: no such file")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not prompts:
-            raise ConfigError(f"--prompts_file {path} holds no prompt (one per line)")
-        return prompts
+        return read_prompts_file(config.prompts_file, "--prompts_file")
     if not config.prompt:
         raise ConfigError("pass --prompt 'a photo of ...' or --prompts_file FILE")
     return [config.prompt]
+
+
+def read_prompts_file(path: str | Path, option: str) -> list[str]:
+    """The non-empty lines of a prompts file (generate's --prompts_file, eval's --prompts)."""
+    from sdtune.errors import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{option} {path}: no such file (one prompt per line)")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"{option} {path} holds no prompt (one per line)")
+    return prompts
 
 
 def _init_image(config, size: tuple[int, int]):

@@ -153,6 +153,10 @@ class TrialRunner:
         recipe = {**self.config.recipe, **options, "output_dir": str(trial_dir / "model")}
         return fill(recipe, {**self.placeholders, "trial_dir": str(trial_dir)})
 
+    def eval_options(self) -> dict:
+        """The sweep's eval section, with one reference cache that every trial (and the first sampling) shares."""
+        return {**fill(self.config.eval, self.placeholders), "cache_dir": str(self.out / "reference-cache")}
+
     def run(self, number: int, options: dict, trial=None) -> dict[str, float]:
         """Train and evaluate one trial; with ``prune_eval_steps``, ``trial`` hears the figures as training goes
         and may stop it (optuna.TrialPruned)."""
@@ -161,7 +165,7 @@ class TrialRunner:
         trial_dir = self.out / f"trial-{number:03d}"
         trial_dir.mkdir(parents=True, exist_ok=True)
         recipe = self.recipe(options, trial_dir)
-        eval_options = {**fill(self.config.eval, self.placeholders), "cache_dir": str(self.out / "reference-cache")}
+        eval_options = self.eval_options()
         if self.config.prune_eval_steps:
             (trial_dir / "eval-during-training.yaml").write_text(yaml.safe_dump(eval_options, sort_keys=False))
             recipe.update(eval_steps=self.config.prune_eval_steps, eval_config=str(trial_dir / "eval-during-training.yaml"))
@@ -347,7 +351,7 @@ def _prepare_reference(config: SweepConfig, runner: TrialRunner) -> None:
     from sdtune.options import build_config
 
     options = {"pretrained_model_name_or_path": runner.recipe({}, runner.out / "reference")["pretrained_model_name_or_path"],
-               **fill(config.eval, runner.placeholders), "cache_dir": str(runner.out / "reference-cache"),
+               **runner.eval_options(),
                "output_dir": str(runner.out / "reference")}
     eval_config = build_config(EvalConfig, options, source="key in the sweep's eval section")
     Evaluator(eval_config).reference(lambda: reference_pipeline(eval_config), reference_identity(eval_config))
