@@ -5,7 +5,10 @@ with rank-4 attention LoRA (peft, as `sdtune train-lora` injects it), forward on
 77-token text embedding, MSE loss, backward. Per resolution it reports:
 
 - eager: steady-state seconds per step, and each top-level UNet block's forward and backward time,
-  timed alone on the inputs it received in a real forward (so the parts add up to about the step);
+  timed alone on the inputs it received in a real forward (so the parts add up to about the step),
+  with the floating-point operations of each (torch's FlopCounterMode over one step, forward and
+  backward) and the rate they run at, against the rate of a large fp32 matrix product on the same
+  threads (the fastest this CPU does the step's arithmetic);
 - compiled: sdtune's --compile (each repeated block class compiled once, inductor's CPU backend): the
   first step (compile time) in a fresh cache, the first step again in a second process that reuses
   the on-disk cache, and the steady state.
@@ -74,14 +77,53 @@ def measure(model: Path, resolution: int, compiled: bool, steps: int, profile: b
         step_times.append(time.perf_counter() - start)
     result = {"resolution": resolution, "compiled": compiled, "threads": threads, "step_seconds": step_times}
     if profile:
+        with flop_counter() as counter:
+            prediction = unet(latents, timesteps, encoder_hidden_states=text).sample
+            torch.nn.functional.mse_loss(prediction, target).backward()
+        unet.zero_grad(set_to_none=True)
+        result["flops"] = {"step": counter.get_total_flops()}
+        result["matmul_flops_per_second"] = matmul_rate()
         result["forward"], result["backward"] = {}, {}
         for name, block in blocks.items():
-            result["forward"][name], result["backward"][name] = time_block(block, *inputs[name], repeats=3)
+            timing = time_block(block, *inputs[name], repeats=3)
+            result["forward"][name], result["backward"][name], result["flops"][name] = timing
     return result
 
 
-def time_block(block, args: tuple, kwargs: dict, repeats: int) -> tuple[float, float]:
-    """Median forward and backward seconds of one block alone, on the inputs it got in the UNet's forward."""
+def flop_counter():
+    """torch's FlopCounterMode, with the CPU's attention kernels (not in torch's table) counted as the CUDA ones are."""
+    import torch
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    attention = {
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_backward_flop_count(g, q, k, v),
+    }
+    return flop_counter.FlopCounterMode(display=False, custom_mapping=attention)
+
+
+def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
+    """fp32 operations per second of a large matrix product on this process's threads (best of ``repeats``)."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def _timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def time_block(block, args: tuple, kwargs: dict, repeats: int) -> tuple[float, float, int]:
+    """Median forward and backward seconds of one block alone, on the inputs it got in the UNet's forward, and the
+    floating-point operations of the two (counted in the untimed first run)."""
     import torch
 
     def leaf(value):
@@ -91,17 +133,19 @@ def time_block(block, args: tuple, kwargs: dict, repeats: int) -> tuple[float, f
             return type(value)(leaf(v) for v in value)
         return value
 
-    forwards, backwards = [], []
-    for _ in range(repeats + 1):  # the first run warms the allocator
+    def run() -> tuple[float, float]:
         args_, kwargs_ = leaf(args), {k: leaf(v) for k, v in kwargs.items()}
         start = time.perf_counter()
         output = block(*args_, **kwargs_)
         middle = time.perf_counter()
         tensors = [t for t in _flatten(output) if isinstance(t, torch.Tensor) and t.requires_grad]
         torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
-        forwards.append(middle - start)
-        backwards.append(time.perf_counter() - middle)
-    return statistics.median(forwards[1:]), statistics.median(backwards[1:])
+        return middle - start, time.perf_counter() - middle
+
+    with flop_counter() as counter:  # also warms the allocator
+        run()
+    forwards, backwards = zip(*(run() for _ in range(repeats)))
+    return statistics.median(forwards), statistics.median(backwards), counter.get_total_flops()
 
 
 def _flatten(value):
@@ -151,13 +195,19 @@ def main() -> None:
                        compiled_steady=statistics.median(cold["step_seconds"][1:]))
         print(json.dumps(row), flush=True)
         total_f, total_b = sum(eager["forward"].values()), sum(eager["backward"].values())
+        flops, matmul = eager["flops"], eager["matmul_flops_per_second"]
+        step_rate = flops["step"] / row["eager_steady"]
         print(f"\n{resolution} px, eager, {eager['threads']} threads: step {row['eager_steady']:.2f} s "
-              f"(the blocks alone: forward {total_f:.2f} s, backward {total_b:.2f} s)")
-        print("| block | forward s | backward s | share of the step |")
-        print("| --- | --- | --- | --- |")
+              f"(the blocks alone: forward {total_f:.2f} s, backward {total_b:.2f} s); {flops['step'] / 1e9:.0f} GFLOP "
+              f"at {step_rate / 1e9:.0f} GFLOP/s, {step_rate / matmul:.0%} of a 2048x2048 fp32 matmul's "
+              f"{matmul / 1e9:.0f} GFLOP/s")
+        print("| block | forward s | backward s | share of the step | GFLOP | GFLOP/s | of the matmul rate |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         for name in eager["forward"]:
             f, b = eager["forward"][name], eager["backward"].get(name, 0.0)
-            print(f"| {name} | {f:.3f} | {b:.3f} | {(f + b) / row['eager_steady']:.0%} |")
+            rate = flops[name] / (f + b) if f + b else 0.0
+            print(f"| {name} | {f:.3f} | {b:.3f} | {(f + b) / row['eager_steady']:.0%} | {flops[name] / 1e9:.1f} "
+                  f"| {rate / 1e9:.0f} | {rate / matmul:.0%} |")
     (args.work / "unet_step_profile.json").write_text(json.dumps(results, indent=1))
     print(f"\n{platform.machine()}, {os.cpu_count()} cores; raw timings in {args.work / 'unet_step_profile.json'}")
 
