@@ -59,8 +59,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def plot_by_step(rows: list[dict], path: Path) -> Path | None:
-    """Each metric against the step (one panel per metric), so a user sees where fidelity peaks and drift begins."""
+def pyplot(path: Path):
+    """matplotlib's pyplot without a display, or None (logged) when the optional extra is not installed."""
     try:
         import matplotlib
 
@@ -68,6 +68,14 @@ def plot_by_step(rows: list[dict], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         logger.warning("matplotlib is not installed: no %s (pip install 'sdtune[eval]'); the CSV has the numbers", path.name)
+        return None
+    return plt
+
+
+def plot_by_step(rows: list[dict], path: Path) -> Path | None:
+    """Each metric against the step (one panel per metric), so a user sees where fidelity peaks and drift begins."""
+    plt = pyplot(path)
+    if plt is None:
         return None
     names = [c for c in rows[0] if c != "step" and not c.endswith("_std")]
     figure, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)

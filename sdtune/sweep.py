@@ -100,6 +100,11 @@ class SweepConfig:
             raise ConfigError("sweep: n_trials and parallel must be positive")
         for name, spec in self.space.items():
             _check_param(name, spec)
+        for name, spec in self.space.items():
+            for other in spec.get("when", {}):
+                if other not in self.space:
+                    raise ConfigError(f"sweep: space.{name}: 'when' names {other!r}, which is not a parameter of the space")
+        in_dependency_order(self.space)  # raises on a cycle
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
@@ -116,11 +121,29 @@ def _check_param(name: str, spec: Any) -> None:
 
 # --- one trial ---------------------------------------------------------------------------------------------------------
 
+def in_dependency_order(space: dict) -> list[tuple[str, dict]]:
+    """The space's parameters, each after the ones its ``when`` names (otherwise in the file's order).
+
+    A ``when`` can only be judged once the parameter it names is chosen; the file's order must not decide it (a YAML
+    writer that sorts keys would put ``full_lr`` before ``method`` and silently drop it).
+    """
+    ordered: list[tuple[str, dict]] = []
+    waiting = dict(space)
+    while waiting:
+        ready = [(n, s) for n, s in waiting.items() if all(o not in waiting for o in s.get("when", {}))]
+        if not ready:
+            raise ConfigError(f"sweep: the 'when' conditions of {', '.join(f'space.{n}' for n in waiting)} depend on each other")
+        ordered += ready
+        for name, _ in ready:
+            del waiting[name]
+    return ordered
+
+
 def suggest(trial, space: dict) -> tuple[dict, dict]:
     """(the parameters Optuna chose, the options they set). Parameters whose ``when`` is not met are skipped."""
     chosen: dict[str, Any] = {}
     options: dict[str, Any] = {}
-    for name, spec in space.items():
+    for name, spec in in_dependency_order(space):
         if any(chosen.get(other) != value for other, value in spec.get("when", {}).items()):
             continue
         if "choices" in spec:
@@ -261,7 +284,7 @@ def run_sweep(config: SweepConfig) -> dict:
     _rerun_interrupted(optuna, study)
     remaining = config.n_trials - sum(t.state.name in _FINISHED for t in study.trials)
     objectives = list(config.objectives)
-    figures = _figures(config)
+    figures = reported_figures(config)
 
     def objective(trial):
         _, options = suggest(trial, config.space)
@@ -326,13 +349,19 @@ def violations(metrics: dict, constraints: dict) -> dict[str, float]:
     """Optuna's convention: one value per constraint, met when <= 0; a missing figure violates it."""
     values = {}
     for metric, rule in constraints.items():
-        sign, bound = _CONSTRAINT.fullmatch(rule).groups()
+        sign, bound = constraint_bound(rule)
         value = metrics.get(metric)
-        values[metric] = 1.0 if value is None else (float(bound) - value if sign == ">=" else value - float(bound))
+        values[metric] = 1.0 if value is None else (bound - value if sign == ">=" else value - bound)
     return values
 
 
-def _feasible(trial, constraints: dict) -> bool:
+def constraint_bound(rule: str) -> tuple[str, float]:
+    """``">= 0.8"`` -> ``(">=", 0.8)``; the rule was checked when the sweep file was read."""
+    sign, bound = _CONSTRAINT.fullmatch(rule).groups()
+    return sign, float(bound)
+
+
+def feasible(trial, constraints: dict) -> bool:
     return all(v <= 0 for v in violations(trial.user_attrs, constraints).values())
 
 
@@ -372,6 +401,6 @@ def placeholders(config: SweepConfig, out: Path) -> dict[str, str]:
     return values
 
 
-def _figures(config: SweepConfig) -> list[str]:
+def reported_figures(config: SweepConfig) -> list[str]:
     """The objectives, then the constrained metrics that are not objectives."""
     return [*config.objectives, *(m for m in config.constraints if m not in config.objectives)]

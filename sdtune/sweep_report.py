@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-from sdtune.sweep import _CONSTRAINT, SweepConfig, TrialRunner, _feasible, _figures, suggest, violations
+from sdtune.eval_report import pyplot
+from sdtune.sweep import SweepConfig, TrialRunner, constraint_bound, feasible, reported_figures, suggest, violations
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def report(study, config: SweepConfig, runner: TrialRunner, out: Path) -> dict:
     recipe = runner.recipe(options, out / "best")  # trains into OUTPUT_DIR/best/model unless --output_dir says otherwise
     (out / "best_recipe.yaml").write_text(
         f"# sdtune {config.command} --config best_recipe.yaml  (sweep trial {best.number}: "
-        + ", ".join(f"{m} {best.user_attrs.get(m, float('nan')):.3f}" for m in _figures(config))
+        + ", ".join(f"{m} {best.user_attrs.get(m, float('nan')):.3f}" for m in reported_figures(config))
         + ")\n" + yaml.safe_dump(recipe, sort_keys=False))
     return {"trial": best.number, "params": best.params, "metrics": dict(best.user_attrs),
             "recipe": str(out / "best_recipe.yaml")}
@@ -58,8 +59,8 @@ def best_trial(study, config: SweepConfig):
     finished = [t for t in study.trials if t.state.name == "COMPLETE"]
     if not finished:
         return None
-    feasible = [t for t in finished if _feasible(t, config.constraints)]
-    pool = feasible or sorted(finished, key=lambda t: sum(max(v, 0) for v in violations(t.user_attrs, config.constraints).values()))[:1]
+    meeting = [t for t in finished if feasible(t, config.constraints)]
+    pool = meeting or sorted(finished, key=lambda t: sum(max(v, 0) for v in violations(t.user_attrs, config.constraints).values()))[:1]
     signs = [1 if d == "maximize" else -1 for d in config.objectives.values()]
     return max(pool, key=lambda t: sum(s * t.user_attrs[m] for s, m in zip(signs, config.objectives)) / len(signs))
 
@@ -79,7 +80,7 @@ def _write_csv(rows: list[dict], path: Path) -> None:
 
 
 def _print_results(rows: list[dict], config: SweepConfig, best) -> None:
-    figures = _figures(config)
+    figures = reported_figures(config)
     params = list(config.space)
     print("trial  state     " + "".join(f"{m[:18]:>19}" for m in figures) + "  " + "  ".join(params))
     for row in rows:
@@ -95,20 +96,15 @@ def _short(value: Any) -> str:
 
 def plot_sweep(study, config: SweepConfig, best, path: Path) -> Path | None:
     """Two objectives: every trial, the Pareto front and the chosen one; one: the objective against the trials."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no %s (pip install 'sdtune[eval]')", path.name)
+    plt = pyplot(path)
+    if plt is None:
         return None
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     if not done:
         return None
     names = list(config.objectives)
     figure, axis = plt.subplots(figsize=(6, 4.5))
-    met = [_feasible(t, config.constraints) for t in done]
+    met = [feasible(t, config.constraints) for t in done]
     edges = ["tab:blue" if m else "tab:red" for m in met]
     if len(names) >= 2:
         xs, ys = [[t.user_attrs[n] for t in done] for n in names[:2]]
@@ -125,7 +121,7 @@ def plot_sweep(study, config: SweepConfig, best, path: Path) -> Path | None:
         axis.set_ylabel(names[1])
         for metric, rule in config.constraints.items():
             if metric in names[:2]:
-                bound = float(_CONSTRAINT.fullmatch(rule).group(2))
+                bound = constraint_bound(rule)[1]
                 line = axis.axhline if metric == names[1] else axis.axvline
                 line(bound, color="tab:red", ls="--", lw=1, label=f"{metric} {rule.strip()}")
         if best is not None:

@@ -41,6 +41,16 @@ def test_conditional_space_and_named_choices():
     assert methods == {"lora", "full"}
 
 
+def test_a_condition_is_judged_after_the_parameter_it_names_whatever_the_file_order():
+    # yaml.safe_dump sorts keys: full_learning_rate and lora_steps then come before method
+    space = yaml.safe_load(yaml.safe_dump(toy_sweep_file()["space"]))
+    assert list(space).index("lora_steps") < list(space).index("method")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), directions=["maximize"])
+    for _ in range(8):
+        chosen, options = suggest(study.ask(), space)
+        assert {"learning_rate", "max_train_steps"} <= set(options), chosen
+
+
 def _study_with(results: list[tuple[float, float]]):
     study = optuna.create_study(directions=["maximize", "maximize"])
     for subject, prior in results:
@@ -144,6 +154,8 @@ def test_a_pruned_trial_stops_its_training_process(tmp_path):
     (dict(constraints={"clip_t": "at least 0.3"}), "write '>= 0.9'"),
     (dict(space={"lr": {"low": 1}}), "space.lr: give"),
     (dict(prune_eval_steps=10, objectives={"a": "maximize", "b": "maximize"}), "needs one objective"),
+    (dict(space={"lr": {"low": 1, "high": 2, "when": {"method": "lora"}}}), "'method', which is not a parameter"),
+    (dict(space={"a": {"choices": [1], "when": {"b": 1}}, "b": {"choices": [1], "when": {"a": 1}}}), "depend on each other"),
 ])
 def test_bad_sweep_files_are_one_line(change, message):
     values = dict(space={"lr": {"low": 1e-4, "high": 1e-3}}, objectives={"clip_t": "maximize"})
@@ -178,6 +190,8 @@ def test_toy_sweep_runs_two_trials_and_its_best_recipe_trains_unchanged(tmp_path
     for trial in ("trial-000", "trial-001"):
         figures = json.loads((out / trial / "eval" / "metrics.json").read_text())
         assert set(figures) >= {"subject_fidelity", "context_fidelity", "prior_preservation"}
+        recipe = yaml.safe_load((out / trial / "recipe.yaml").read_text())  # the space's steps, not the default 1000
+        assert recipe["max_train_steps"] in (20, 40) and "learning_rate" in recipe
     best = out / "best_recipe.yaml"
     assert main(["train-dreambooth", "--config", str(best)]) == 0
     trained = Path(yaml.safe_load(best.read_text())["output_dir"])
