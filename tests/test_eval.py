@@ -102,19 +102,25 @@ def test_auto_picks_the_metrics_whose_inputs_are_given():
     assert EvalConfig(toy_concept="b").metric_names() == ["toy"]
 
 
-def test_eval_steps_logs_the_figures_while_training(lora_config, tiny_clip, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+def _train_with_eval_steps(lora_config, tiny_clip, tmp_path, **changes):
+    """4 LoRA steps measured at steps 2 and 4; returns (the run, its history.jsonl rows)."""
     recipe = tmp_path / "eval.yaml"
     recipe.write_text(f"clip_model: {tiny_clip}\ndrift_features: clip\nnum_images: 2\nnum_inference_steps: 2\n")
     config = dataclasses.replace(lora_config, learning_rate=3e-2, max_train_steps=4, eval_steps=2,
                                  eval_metrics="clip_t,prior_drift", eval_config=str(recipe), class_prompt="a shape",
-                                 validation_prompt="a sks shape", num_validation_images=0, report_to="tensorboard")
+                                 validation_prompt="a sks shape", num_validation_images=0, **changes)
     result = train_lora(config)
     history = [json.loads(line) for line in (result.output_dir / "eval" / "history.jsonl").read_text().splitlines()]
     assert [row["step"] for row in history] == [2, 4]
     assert all(-1 <= row["clip_t"] <= 1 for row in history)
     assert 0 < history[0]["prior_drift"] and history[0]["prior_drift"] != history[1]["prior_drift"]
+    return result, history
+
+
+def test_eval_steps_logs_the_figures_while_training(lora_config, tiny_clip, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result, _ = _train_with_eval_steps(lora_config, tiny_clip, tmp_path, report_to="tensorboard")
     events = [p for p in (result.output_dir / "logs").rglob("events.out.tfevents.*")]
     tags = set()
     for path in events:
@@ -122,6 +128,11 @@ def test_eval_steps_logs_the_figures_while_training(lora_config, tiny_clip, tmp_
         accumulator.Reload()
         tags |= set(accumulator.Tags()["scalars"])
     assert "eval/clip_t" in tags
+
+
+def test_eval_steps_under_bf16_samples_the_training_model(lora_config, tiny_clip, tmp_path):
+    # the models are sampled (and the samples scored) under training's bf16 autocast, in the middle of the run
+    _train_with_eval_steps(lora_config, tiny_clip, tmp_path, mixed_precision="bf16")
 
 
 def test_eval_steps_checks_its_inputs_before_training(lora_config, tmp_path):
