@@ -10,7 +10,8 @@ from typing import Any
 import yaml
 
 from sdtune.eval_report import pyplot
-from sdtune.sweep import SweepConfig, TrialRunner, constraint_bound, feasible, reported_figures, suggest, violations
+from sdtune.sweep import SweepConfig, TrialRunner, reported_figures
+from sdtune.sweep_space import constraint_bound, feasible, suggest, violations
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ import yaml
 
 from sdtune.cli import main
 from sdtune.errors import ConfigError
-from sdtune.sweep import SweepConfig, TrialRunner, _report_progress, run_sweep, suggest
+from sdtune.sweep import SweepConfig, TrialRunner, _report_progress, run_sweep
+from sdtune.sweep_space import suggest
 from sdtune.sweep_report import best_trial
 
 TOY_SWEEP = Path(__file__).resolve().parents[1] / "examples" / "toy_sweep.yaml"
