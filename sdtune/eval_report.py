@@ -50,9 +50,12 @@ def print_table(rows: list[tuple[str, dict]]) -> None:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
+    """One row per dict; the columns are every key, in the order they first appear (a missing value is empty)."""
     import csv
 
-    columns = ["step"] + [c for c in rows[0] if c != "step"]
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from sdtune.eval_report import pyplot
+from sdtune.eval_report import pyplot, write_csv
 from sdtune.sweep import SweepConfig, TrialRunner, reported_figures
 from sdtune.sweep_space import constraint_bound, feasible, suggest, violations
 
@@ -18,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 def report(study, config: SweepConfig, runner: TrialRunner, out: Path) -> dict:
     rows = [_row(t) for t in study.trials]
-    _write_csv(rows, out / "results.csv")
+    write_csv(rows, out / "results.csv")
     best = best_trial(study, config)
     plot_sweep(study, config, best, out / ("pareto.png" if len(config.objectives) > 1 else "objective.png"))
     _print_results(rows, config, best)
@@ -68,16 +67,6 @@ def best_trial(study, config: SweepConfig):
 
 def _row(trial) -> dict:
     return {"trial": trial.number, "state": trial.state.name, **trial.params, **trial.user_attrs}
-
-
-def _write_csv(rows: list[dict], path: Path) -> None:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _print_results(rows: list[dict], config: SweepConfig, best) -> None:

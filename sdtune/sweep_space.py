@@ -14,7 +14,6 @@ def check_space(space: dict) -> None:
     """One-line errors for a parameter that is neither a range nor choices, or a ``when`` that cannot be judged."""
     for name, spec in space.items():
         _check_param(name, spec)
-    for name, spec in space.items():
         for other in spec.get("when", {}):
             if other not in space:
                 raise ConfigError(f"sweep: space.{name}: 'when' names {other!r}, which is not a parameter of the space")
